@@ -1,0 +1,308 @@
+"""Gradient attacks with a fixed budget: FGSM, BIM (I-FGSM), PGD and MI-FGSM.
+
+All four are one projected steepest-ascent loop (DESIGN principle 2) with different parts:
+
+* FGSM — Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015:
+  one step of size ``eps`` along the sign of the gradient (the normalized gradient under L2, the
+  sparse L1 step under L1: the "fast gradient method").
+* BIM / I-FGSM — Kurakin, Goodfellow & Bengio, "Adversarial Examples in the Physical World", ICLR
+  workshop 2017: repeated small steps, clipped to the eps-ball and the bounds after each step.
+* PGD — Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018:
+  BIM from a uniform random start inside the ball, with projection, and restarts. Under L1 the step
+  is the sparse steepest descent of Tramer & Boneh (NeurIPS 2019) and the projection is onto the L1
+  ball (Duchi et al. 2008) intersected with the box.
+* MI-FGSM — Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018: the step follows
+  an accumulated gradient ``g <- mu * g + grad / ||grad||_1``.
+
+Per sample, the loop keeps the best iterate it has evaluated: a successful one over an unsuccessful
+one, then the one with the highest loss, so success never gets lost by a later step. With
+``early_stop=True`` samples leave the loop as soon as they are adversarial (fast evaluation); with
+``early_stop=False`` every sample spends the full budget (the strongest examples).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medrobust.attacks.base import AttackContext, FixedBudgetAttack, RunOutput
+from medrobust.norms import L1, Norm, batch_view, get_norm
+
+
+class _Best:
+    """Per-sample best iterate: success first, then the highest loss."""
+
+    def __init__(self, x: torch.Tensor, num_classes: int) -> None:
+        n = x.shape[0]
+        self.adv = x.clone()
+        self.logits = torch.zeros(n, num_classes, device=x.device, dtype=x.dtype)
+        self.loss = torch.full((n,), float("-inf"), device=x.device, dtype=x.dtype)
+        self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.evaluated = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def update(self, index: torch.Tensor, xa: torch.Tensor, logits: torch.Tensor,
+               loss: torch.Tensor, success: torch.Tensor) -> None:
+        old_s = self.success[index]
+        better = (success & ~old_s) | ((success == old_s) & (loss >= self.loss[index]))
+        if not better.any():
+            return
+        if bool(better.all()) and index.numel() == self.adv.shape[0]:
+            self.adv.copy_(xa)
+            self.logits.copy_(logits)
+            self.loss.copy_(loss)
+            self.success.copy_(success)
+            self.evaluated.fill_(True)
+            return
+        sel = index[better]
+        self.adv[sel] = xa[better]
+        self.logits[sel] = logits[better].to(self.logits.dtype)
+        self.loss[sel] = loss[better]
+        self.success[sel] = success[better]
+        self.evaluated[sel] = True
+
+
+class GradientAttack(FixedBudgetAttack):
+    """Projected steepest ascent on the loss within an eps-ball (the loop behind all four attacks).
+
+    Args:
+        eps: the budget, in input units: a number, or a tensor with one value per sample.
+        norm: "linf", "l2" or "l1" (or a :class:`~medrobust.norms.Norm`).
+        steps: number of gradient steps.
+        step_size: the step length in the norm's units; default ``rel_step_size * eps``.
+        rel_step_size: the step as a fraction of eps when ``step_size`` is not given
+            (default 2.5 / steps, Madry et al.'s rule of thumb: the walk can cross the ball).
+        random_start: start from a point drawn uniformly from the ball (and the mask).
+        restarts: independent random starts; later restarts only attack samples not yet fooled,
+            and each sample keeps its successful result or else the one with the highest loss.
+        loss: "ce" (cross-entropy) or "margin" (C&W's logit margin; robust to saturated softmax).
+        early_stop: stop updating samples as soon as they are adversarial.
+        momentum: the decay ``mu`` of MI-FGSM's accumulated, L1-normalized gradient (0 = none).
+        l1_sparsity: fraction of coordinates moved per step under L1 (Tramer & Boneh's q).
+        seed, generator: the randomness of the random start.
+    """
+
+    name = "gradient"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        rel_step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        momentum: float = 0.0,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(eps, norm, loss=loss, seed=seed, generator=generator)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be a positive integer; got {restarts!r}")
+        if step_size is not None and not (step_size > 0):
+            raise ValueError(f"step_size must be > 0; got {step_size!r}")
+        if rel_step_size is not None and not (rel_step_size > 0):
+            raise ValueError(f"rel_step_size must be > 0; got {rel_step_size!r}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum must be >= 0; got {momentum!r}")
+        if isinstance(self.norm, L1):
+            self.norm = L1(l1_sparsity)
+        self.steps = steps
+        self.step_size = step_size
+        self.rel_step_size = rel_step_size
+        self.random_start = bool(random_start)
+        self.restarts = restarts
+        self.early_stop = bool(early_stop)
+        self.momentum = float(momentum)
+        self.l1_sparsity = float(l1_sparsity)
+
+    def _steps_per_sample(self, eps: torch.Tensor) -> torch.Tensor:
+        if self.step_size is not None:
+            return torch.full_like(eps, float(self.step_size))
+        rel = self.rel_step_size if self.rel_step_size is not None else 2.5 / self.steps
+        return eps * rel
+
+    def run(self, ctx: AttackContext) -> RunOutput:
+        x, norm = ctx.x, self.norm
+        eps = self._budget(ctx.n, x.device).to(x.dtype)
+        alpha = self._steps_per_sample(eps)
+        best = _Best(x, ctx.num_classes)
+        restarts = self.restarts if self.random_start else 1
+        for r in range(restarts):
+            if r == 0:
+                index = ctx.all_index()
+            else:
+                index = (~best.success).nonzero().flatten()
+                if index.numel() == 0:
+                    break
+            self._attack(ctx, index, eps, alpha, best)
+        return RunOutput(best.adv, best.logits, extra={"loss": best.loss.cpu()})
+
+    def _attack(self, ctx: AttackContext, index: torch.Tensor, eps_all: torch.Tensor,
+                alpha_all: torch.Tensor, best: _Best) -> None:
+        x_all, norm, bounds = ctx.x, self.norm, ctx.bounds
+        full = index.numel() == ctx.n
+        x = x_all if full else x_all[index]
+        eps, alpha = eps_all[index], alpha_all[index]
+        mask = ctx.mask if (full or ctx.mask is None) else ctx.mask[index]
+        if self.random_start:
+            delta = norm.random(x.shape, eps.cpu(), ctx.generator).to(x.device, x.dtype)
+            if mask is not None:
+                delta = norm.project(delta * mask, eps)
+            xa = ctx.clip(x + delta)
+        else:
+            xa = x.clone()
+        g = torch.zeros_like(x) if self.momentum > 0 else None
+        for _ in range(self.steps):
+            logits, loss, grad = ctx.value_and_grad(xa, index)
+            success = ctx.is_adversarial(logits, index)
+            best.update(index, xa, logits, loss, success)
+            if self.early_stop and success.any():
+                keep = ~success
+                if not keep.any():
+                    return
+                index, x, xa, grad, eps, alpha = (
+                    index[keep], x[keep], xa[keep], grad[keep], eps[keep], alpha[keep]
+                )
+                mask = None if mask is None else mask[keep]
+                g = None if g is None else g[keep]
+            if mask is not None:
+                grad = grad * mask
+            if g is not None:
+                l1 = grad.abs().reshape(grad.shape[0], -1).sum(1).clamp_min(1e-12)
+                g = self.momentum * g + grad / batch_view(l1, grad)
+                grad = g
+            step = norm.direction(grad, xa, bounds)
+            if mask is not None:
+                step = step * mask
+            xa = xa + batch_view(alpha, xa) * step
+            xa = ctx.clip(x + norm.project(xa - x, eps))
+        logits = ctx.logits(xa)
+        loss = ctx.criterion.loss(logits, index)
+        best.update(index, xa, logits, loss, ctx.is_adversarial(logits, index))
+
+
+class FGSM(GradientAttack):
+    """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): ``x + eps * sign(grad)``.
+
+    Under "l2" / "l1" this is the fast gradient method (one normalized step of length eps).
+    ``random_start=True`` gives the random-init variant (FGSM-RS, Wong et al., ICLR 2020) with step
+    ``1.25 * eps`` by default.
+    """
+
+    name = "fgsm"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        loss: str = "ce",
+        random_start: bool = False,
+        step_size: float | None = None,
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=1, step_size=step_size,
+            rel_step_size=1.25 if random_start else 1.0,
+            random_start=random_start, restarts=1, loss=loss, early_stop=early_stop,
+            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+        )
+
+
+class BIM(GradientAttack):
+    """Basic Iterative Method / I-FGSM (Kurakin et al. 2017): FGSM steps of ``step_size`` from the
+    clean input, clipped to the eps-ball and the bounds after every step. Default step
+    ``eps / 4`` with 10 steps (the common setting; Kurakin et al. used 1/255 per step and
+    ``min(eps + 4, 1.25 eps)`` steps in 0..255 units)."""
+
+    name = "bim"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        rel_step_size: float | None = 0.25,
+        loss: str = "ce",
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
+            random_start=False, restarts=1, loss=loss, early_stop=early_stop,
+            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+        )
+
+
+class PGD(GradientAttack):
+    """Projected Gradient Descent (Madry et al., ICLR 2018): BIM from a uniform random start
+    inside the ball, with restarts. Defaults: 40 steps of ``2.5 * eps / steps``, one restart."""
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        steps: int = 40,
+        step_size: float | None = None,
+        rel_step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
+            random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
+            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+        )
+
+
+class MIFGSM(GradientAttack):
+    """Momentum Iterative FGSM (Dong et al., CVPR 2018): 10 steps of ``eps / 10`` along the
+    accumulated gradient with decay ``momentum = 1.0`` (the paper's settings), no random start."""
+
+    name = "mifgsm"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        momentum: float = 1.0,
+        random_start: bool = False,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=steps, step_size=step_size, rel_step_size=1.0 / steps,
+            random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
+            momentum=momentum, l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+        )
+
+
+__all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "get_norm"]

@@ -1,0 +1,70 @@
+"""The result every attack returns: the adversarial tensor with its evidence (DESIGN principle 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttackResult:
+    """What an attack produced, per sample.
+
+    Attributes:
+        adversarial: the adversarial inputs; same shape, dtype and device as the inputs.
+        success: bool ``(N,)``: the model's decision on ``adversarial`` meets the goal
+            (untargeted: prediction != label; targeted: prediction == target). A sample the model
+            already misclassifies counts as a success with a zero perturbation.
+        predictions: int64 ``(N,)``: the model's predictions on ``adversarial``.
+        labels: int64 ``(N,)``: the true labels.
+        target: int64 ``(N,)`` target classes of a targeted attack, else ``None``.
+        perturbation_norms: per-sample "linf", "l2", "l1", "l0" (changed input elements) and
+            "pixels" (changed pixels or voxels, all channels of one position counting once).
+        forward_passes, backward_passes: model evaluations spent, counted per sample (a batch of
+            ``n`` inputs through the model counts ``n``), including the final check of
+            ``adversarial``.
+        attack: the attack's name and hyperparameters.
+        extra: attack-specific evidence (e.g. the loss reached).
+    """
+
+    adversarial: torch.Tensor
+    success: torch.Tensor
+    predictions: torch.Tensor
+    labels: torch.Tensor
+    perturbation_norms: dict[str, torch.Tensor]
+    forward_passes: int
+    backward_passes: int
+    target: torch.Tensor | None = None
+    attack: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of samples for which the goal is met."""
+        return float(self.success.float().mean())
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of samples still classified correctly on ``adversarial``."""
+        return float((self.predictions == self.labels).float().mean())
+
+    def __len__(self) -> int:
+        return int(self.success.shape[0])
+
+    def summary(self) -> dict[str, float]:
+        """Headline numbers as plain floats."""
+        ok = self.success
+        out = {
+            "n": float(len(self)),
+            "success_rate": self.success_rate,
+            "robust_accuracy": self.robust_accuracy,
+            "forward_passes": float(self.forward_passes),
+            "backward_passes": float(self.backward_passes),
+        }
+        for k, v in self.perturbation_norms.items():
+            out[f"median_{k}_successful"] = (
+                float(v[ok].float().median()) if ok.any() else float("nan")
+            )
+        return out
