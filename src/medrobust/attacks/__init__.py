@@ -17,6 +17,8 @@ from medrobust.attacks.base import (
     RunOutput,
 )
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
+from medrobust.attacks.sparse import JSMA, OnePixel
+from medrobust.attacks.spatial import StAdv
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -24,6 +26,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "ifgsm": BIM,
     "pgd": PGD,
     "mifgsm": MIFGSM,
+    "jsma": JSMA,
+    "onepixel": OnePixel,
+    "stadv": StAdv,
 }
 
 
@@ -48,10 +53,13 @@ __all__ = [
     "FGSM",
     "FixedBudgetAttack",
     "GradientAttack",
+    "JSMA",
     "MIFGSM",
     "MinimumNormAttack",
+    "OnePixel",
     "PGD",
     "RunOutput",
+    "StAdv",
     "get_attack",
     "register",
 ]
