@@ -118,7 +118,7 @@ class Resize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.dim() - 2
-        size = self.size if len(self.size) == spatial or len(self.size) != 1 else self.size * spatial
+        size = self.size * spatial if len(self.size) == 1 else self.size
         if len(size) != spatial:
             raise ValueError(
                 f"resize to {list(self.size)} got an input of shape {tuple(x.shape)} "

@@ -78,5 +78,5 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     bound = inspect.signature(spec.builder).bind(**kwargs)
     bound.apply_defaults()
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in bound.arguments.items()}
-    module.medrobust_architecture = {"name": key, "args": args}
+    setattr(module, "medrobust_architecture", {"name": key, "args": args})  # noqa: B010
     return module
