@@ -1,0 +1,733 @@
+"""Saved models: a directory with ``weights.safetensors`` and ``model.json``.
+
+``model.json`` records everything another command needs to rebuild and wrap the model with no code:
+the architecture (a registered network, or a user's ``"package.module:function"``) and its
+arguments, the input bounds and units, the preprocessing (intensity window, resize, normalization
+mean/std), the input size, class names, task, the data it was trained on (with its sha256) and the
+medrobust version. Weights are stored with safetensors, which holds tensors only; a ``.pt`` state
+dict is read with ``torch.load(..., weights_only=True)``. Nothing is ever unpickled.
+
+Schema (``format_version`` 1)::
+
+    {
+      "format": "medrobust-model", "format_version": 1, "medrobust_version": "0.1.0",
+      "created": "2026-01-01T00:00:00+00:00",
+      "architecture": {"name": "resnet18", "args": {"in_channels": 1, "num_classes": 2, ...}}
+                      | {"factory": "package.module:function", "args": {...}},
+      "weights": "weights.safetensors",
+      "task": "binary" | "multi-class" | "multi-label" | "ordinal" | "segmentation",
+      "num_classes": 2, "class_names": ["normal", "pneumonia"],
+      "input": {"bounds": [0.0, 1.0], "units": "intensity", "channels": 1,
+                "spatial_dims": 2, "size": [28, 28]},
+      "preprocessing": {"steps": {"type": "compose", "steps": [...]} | null,
+                        "mean": [0.5] | null, "std": [0.5] | null},
+      "data": {"dataset": "pneumoniamnist", "sha256": "...", ...} | null,
+      "training": {...} | null,
+      "extra": {...}
+    }
+
+A directory is written atomically: into a temporary sibling directory, then renamed into place, so
+an error never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medrobust.models import Classifier
+from medrobust.preprocessing import PreprocessingError, from_config, output_size
+from medrobust.preprocessing import to_config as preprocessing_to_config
+
+MODEL_JSON = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT = "medrobust-model"
+FORMAT_VERSION = 1
+_TASKS = ("binary", "multi-class", "multi-label", "ordinal", "segmentation")
+
+
+class ModelError(ValueError):
+    """A saved model (directory, ``model.json`` or weights) that cannot be loaded or written.
+
+    The message names the file and what is wrong with it.
+    """
+
+
+def _version() -> str:
+    try:
+        import medrobust
+
+        return str(getattr(medrobust, "__version__", "unknown"))
+    except Exception:  # pragma: no cover - import cycle guard
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- atomic directories
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ModelError(f"{target}: directory exists and is not empty (use overwrite)")
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a ``mkdtemp`` folder (0700) and its files the usual permissions (umask applied)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for p in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` when the block succeeds.
+
+    The temporary directory is a hidden sibling of ``target`` (same file system, so the final
+    rename is atomic). If the block raises, it is removed and ``target`` is left as it was. An
+    existing non-empty ``target`` is replaced only with ``overwrite=True``.
+
+    Raises:
+        ModelError: ``target`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    tgt = Path(target).expanduser().absolute()
+    _check_target(tgt, overwrite)
+    tgt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.tmp-", dir=tgt.parent))
+    try:
+        yield tmp
+        _check_target(tgt, overwrite)
+        _apply_umask(tmp)
+        old: Path | None = None
+        if tgt.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.old-", dir=tgt.parent))
+            os.rename(tgt, old / "d")
+        try:
+            os.rename(tmp, tgt)
+        except BaseException:
+            if old is not None:
+                os.rename(old / "d", tgt)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- writing
+def _jsonable(value: Any, where: str) -> Any:
+    """Check that ``value`` survives JSON (numbers finite); convert tuples and tensors."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item(), where)
+    raise ModelError(f"{where}: {type(value).__name__} value {value!r} cannot be stored in JSON")
+
+
+def _channel_list(value: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.float64).flatten()
+    return [float(v) for v in t]
+
+
+def _state_dict_for_safetensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share memory, and wants contiguous CPU tensors
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def write_model_files(
+    directory: str | os.PathLike[str],
+    module: nn.Module,
+    *,
+    architecture: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    factory: str | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    units: str = "intensity",
+    mean: float | Sequence[float] | torch.Tensor | None = None,
+    std: float | Sequence[float] | torch.Tensor | None = None,
+    preprocess: nn.Module | Mapping[str, Any] | None = None,
+    input_size: Sequence[int] | None = None,
+    in_channels: int | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    task: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``weights.safetensors`` and ``model.json`` into an existing ``directory``.
+
+    Not atomic by itself: :func:`save_model` wraps it in :func:`atomic_directory`; a caller that
+    writes more files into the same folder (``medrobust train``) does the same. The arguments are
+    those of :func:`save_model`. Returns the metadata written.
+    """
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelError(f"{d}: not a directory")
+    meta = build_metadata(
+        module,
+        architecture=architecture,
+        arch_args=arch_args,
+        factory=factory,
+        bounds=bounds,
+        units=units,
+        mean=mean,
+        std=std,
+        preprocess=preprocess,
+        input_size=input_size,
+        in_channels=in_channels,
+        class_names=class_names,
+        num_classes=num_classes,
+        task=task,
+        data=data,
+        training=training,
+        extra=extra,
+    )
+    try:
+        save_file(_state_dict_for_safetensors(module), str(d / WEIGHTS_FILE), metadata={
+            "format": FORMAT,
+        })
+    except Exception as err:
+        raise ModelError(f"{d / WEIGHTS_FILE}: cannot write the weights ({err})") from err
+    text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
+    (d / MODEL_JSON).write_text(text, encoding="utf-8")
+    return meta
+
+
+def build_metadata(
+    module: nn.Module,
+    *,
+    architecture: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    factory: str | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    units: str = "intensity",
+    mean: float | Sequence[float] | torch.Tensor | None = None,
+    std: float | Sequence[float] | torch.Tensor | None = None,
+    preprocess: nn.Module | Mapping[str, Any] | None = None,
+    input_size: Sequence[int] | None = None,
+    in_channels: int | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    task: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``model.json`` content for ``module`` (see the module docstring for the schema)."""
+    recorded = getattr(module, "medrobust_architecture", None) or {}
+    if factory is not None and architecture is not None:
+        raise ModelError("give either architecture (a registered network) or factory, not both")
+    args = dict(arch_args) if arch_args is not None else dict(recorded.get("args", {}))
+    if factory is not None:
+        _split_factory(factory)
+        arch: dict[str, Any] = {"factory": factory, "args": args}
+    else:
+        name = architecture or recorded.get("name")
+        if not name:
+            raise ModelError(
+                "the architecture is unknown: build the network with medrobust.nets."
+                "build_network, or pass architecture=... (a registered name) or "
+                "factory='package.module:function'"
+            )
+        from medrobust.nets import NETWORKS
+
+        if name not in NETWORKS:
+            raise ModelError(
+                f"unknown architecture {name!r}; known: {', '.join(sorted(NETWORKS))} "
+                "(or use factory='package.module:function')"
+            )
+        arch = {"name": name, "args": args}
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ModelError(f"bounds must be finite with lo < hi; got {bounds!r}")
+    if isinstance(preprocess, Mapping):
+        try:
+            pre_mod = from_config(dict(preprocess))
+        except PreprocessingError as err:
+            raise ModelError(f"preprocessing: {err}") from err
+    else:
+        pre_mod = preprocess
+    try:
+        pre_cfg = preprocessing_to_config(pre_mod)
+    except PreprocessingError as err:
+        raise ModelError(str(err)) from err
+    if num_classes is None:
+        num_classes = args.get("num_classes")
+        if num_classes is None and class_names is not None:
+            num_classes = len(class_names)
+    if class_names is None and num_classes is not None:
+        class_names = [str(i) for i in range(int(num_classes))]
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        # a binary model with one logit has 2 class names
+        if not (int(num_classes) == 1 and len(class_names) == 2):
+            raise ModelError(
+                f"{len(class_names)} class names for a model with {num_classes} outputs"
+            )
+    if task is None:
+        if factory is None and arch.get("name", "").startswith("unet"):
+            task = "segmentation"
+        elif class_names is not None and len(class_names) == 2:
+            task = "binary"
+        else:
+            task = "multi-class"
+    if task not in _TASKS:
+        raise ModelError(f"unknown task {task!r}; expected one of {_TASKS}")
+    size = list(input_size) if input_size is not None else None
+    pre_size = output_size(pre_mod)
+    if pre_size is not None:
+        size = list(pre_size)
+    channels = in_channels if in_channels is not None else args.get("in_channels")
+    spatial_dims = args.get("spatial_dims") or (len(size) if size else None)
+    if size is not None and len(size) == 1 and isinstance(spatial_dims, int):
+        size = size * spatial_dims
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medrobust_version": _version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": arch,
+        "weights": WEIGHTS_FILE,
+        "task": task,
+        "num_classes": None if num_classes is None else int(num_classes),
+        "class_names": None if class_names is None else [str(c) for c in class_names],
+        "input": {
+            "bounds": [lo, hi],
+            "units": str(units),
+            "channels": channels,
+            "spatial_dims": spatial_dims,
+            "size": size,
+        },
+        "preprocessing": {
+            "steps": pre_cfg,
+            "mean": _channel_list(mean),
+            "std": _channel_list(std),
+        },
+        "data": None if data is None else dict(data),
+        "training": None if training is None else dict(training),
+        "extra": {} if extra is None else dict(extra),
+    }
+    return _jsonable(meta, MODEL_JSON)  # type: ignore[no-any-return]
+
+
+def save_model(
+    directory: str | os.PathLike[str],
+    module: nn.Module,
+    *,
+    overwrite: bool = False,
+    architecture: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    factory: str | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    units: str = "intensity",
+    mean: float | Sequence[float] | torch.Tensor | None = None,
+    std: float | Sequence[float] | torch.Tensor | None = None,
+    preprocess: nn.Module | Mapping[str, Any] | None = None,
+    input_size: Sequence[int] | None = None,
+    in_channels: int | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    task: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``module`` as a model directory, atomically; returns the directory.
+
+    Args:
+        directory: the model directory to create (an existing non-empty one needs ``overwrite``).
+        module: the network. One built with :func:`medrobust.nets.build_network` records its
+            architecture itself; otherwise give ``architecture`` (a registered name) and
+            ``arch_args``, or ``factory="package.module:function"`` (called with ``arch_args``).
+        bounds, units: the range and units of the inputs the wrapper accepts.
+        mean, std: per-channel normalization applied after ``preprocess``.
+        preprocess: a :mod:`medrobust.preprocessing` module (or its config dict).
+        input_size: the spatial size the network expects (taken from a ``Resize`` step if any).
+        in_channels: input channels (default: ``arch_args["in_channels"]``).
+        class_names, num_classes, task: the output's meaning.
+        data: the training data: ``{"dataset", "source", "sha256", "split", ...}``.
+        training: training settings and results (epochs, metrics, seed, ...).
+        extra: anything else (JSON-serialisable).
+
+    Raises:
+        ModelError: unknown architecture, unserialisable metadata, an existing directory.
+    """
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        write_model_files(
+            tmp,
+            module,
+            architecture=architecture,
+            arch_args=arch_args,
+            factory=factory,
+            bounds=bounds,
+            units=units,
+            mean=mean,
+            std=std,
+            preprocess=preprocess,
+            input_size=input_size,
+            in_channels=in_channels,
+            class_names=class_names,
+            num_classes=num_classes,
+            task=task,
+            data=data,
+            training=training,
+            extra=extra,
+        )
+    return Path(directory)
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A model loaded from a directory (or from a factory and weights).
+
+    Attributes:
+        module: the network, in eval mode, weights loaded.
+        classifier: a :class:`medrobust.Classifier` with bounds, mean/std, preprocessing and
+            ``num_classes`` set; ``None`` for a segmentation model.
+        metadata: the ``model.json`` content.
+        path: the directory (``None`` for :func:`load_from_factory`).
+    """
+
+    module: nn.Module
+    classifier: Classifier | None
+    metadata: dict[str, Any]
+    path: Path | None = None
+    preprocess: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def task(self) -> str:
+        return str(self.metadata.get("task"))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata.get("class_names") or [])
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        lo, hi = self.metadata["input"]["bounds"]
+        return float(lo), float(hi)
+
+    @property
+    def units(self) -> str:
+        return str(self.metadata["input"].get("units", "intensity"))
+
+
+def _split_factory(spec: str) -> tuple[str, str]:
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ModelError(f"factory must be 'package.module:function'; got {spec!r}")
+    mod, fn = spec.split(":")
+    if not mod or not fn or not all(p.isidentifier() for p in mod.split(".") + fn.split(".")):
+        raise ModelError(f"factory must be 'package.module:function'; got {spec!r}")
+    return mod, fn
+
+
+def resolve_factory(spec: str) -> Callable[..., nn.Module]:
+    """Import ``"package.module:function"`` and return the callable.
+
+    This imports (runs) the named module, which must be installed or on ``sys.path``; it never
+    unpickles anything.
+    """
+    mod_name, fn_name = _split_factory(spec)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as err:
+        raise ModelError(f"factory {spec!r}: cannot import {mod_name!r} ({err})") from err
+    obj: Any = mod
+    for part in fn_name.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"factory {spec!r}: {mod_name!r} has no attribute {fn_name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"factory {spec!r}: {fn_name!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or, without unpickling code, from ``.pt``/``.pth``.
+
+    A ``.pt`` file is read with ``torch.load(..., weights_only=True)``; a checkpoint dict holding a
+    ``"state_dict"`` (or ``"model_state_dict"``) entry is unwrapped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: weights file not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as err:
+            raise ModelError(f"{p}: not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{p}: cannot read the weights as a tensor-only state dict "
+            f"(torch.load weights_only=True: {msg})"
+        ) from err
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ModelError(f"{p}: expected a state dict (names -> tensors); got {type(obj).__name__}")
+    return dict(obj)
+
+
+def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Load ``state`` strictly into ``module``; a clear :class:`ModelError` on any mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
+    if problems:
+        raise ModelError(
+            f"{source}: the weights do not match the architecture; " + "; ".join(problems)
+        )
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except Exception as err:  # dtype or other problems
+        raise ModelError(f"{source}: cannot load the weights ({err})") from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: not UTF-8 text ({err})") from err
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: expected a JSON object; got {type(meta).__name__}")
+    return meta
+
+
+def _build_from_metadata(meta: dict[str, Any], where: Path | str) -> nn.Module:
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise ModelError(f"{where}: 'architecture' must be an object with 'name' or 'factory'")
+    args = arch.get("args", {}) or {}
+    if not isinstance(args, dict):
+        raise ModelError(f"{where}: 'architecture.args' must be an object")
+    if "factory" in arch:
+        builder = resolve_factory(str(arch["factory"]))
+        label = str(arch["factory"])
+        try:
+            module = builder(**args)
+        except Exception as err:
+            raise ModelError(f"{where}: factory {label!r} failed with args {args} ({err})") from err
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"{where}: factory {label!r} returned {type(module).__name__}")
+        return module
+    name = arch.get("name")
+    from medrobust.nets import NETWORKS, build_network
+
+    if not isinstance(name, str) or name.lower() not in NETWORKS:
+        raise ModelError(
+            f"{where}: unknown architecture {name!r}; known: {', '.join(sorted(NETWORKS))} "
+            "(a user network needs \"factory\": \"package.module:function\")"
+        )
+    try:
+        return build_network(name, **args)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelError(f"{where}: cannot build {name!r} with args {args}: {err}") from err
+
+
+def _wrap(
+    module: nn.Module, meta: dict[str, Any], where: Path | str
+) -> tuple[Classifier | None, nn.Module | None]:
+    inp = meta.get("input") or {}
+    pre = meta.get("preprocessing") or {}
+    if not isinstance(inp, dict) or not isinstance(pre, dict):
+        raise ModelError(f"{where}: 'input' and 'preprocessing' must be objects")
+    try:
+        preprocess = from_config(pre.get("steps"))
+    except PreprocessingError as err:
+        raise ModelError(f"{where}: preprocessing: {err}") from err
+    if meta.get("task") == "segmentation":
+        return None, preprocess
+    bounds = inp.get("bounds", [0.0, 1.0])
+    num_classes = meta.get("num_classes")
+    names = meta.get("class_names")
+    k = len(names) if isinstance(names, list) and names else num_classes
+    if meta.get("task") == "multi-label" or (isinstance(k, int) and k < 2):
+        k = None
+    try:
+        clf = Classifier(
+            module,
+            bounds=tuple(bounds),  # type: ignore[arg-type]
+            mean=pre.get("mean"),
+            std=pre.get("std"),
+            num_classes=k,
+            preprocess=preprocess,
+        )
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{where}: {err}") from err
+    return clf, preprocess
+
+
+def load_model(
+    directory: str | os.PathLike[str], device: torch.device | str | None = None
+) -> LoadedModel:
+    """Load a model directory written by :func:`save_model` (or by hand, following the schema).
+
+    Returns the module (eval mode, on ``device``, default CPU), a ready :class:`Classifier`, and
+    the metadata.
+
+    Raises:
+        ModelError: missing directory / ``model.json`` / weights, malformed JSON, unknown
+            architecture, weights that do not match it; the message names the file.
+    """
+    d = Path(directory).expanduser()
+    if not d.exists():
+        raise ModelError(f"{d}: model directory not found")
+    if not d.is_dir():
+        raise ModelError(f"{d}: not a directory (a saved model is a directory with {MODEL_JSON})")
+    jpath = d / MODEL_JSON
+    if not jpath.is_file():
+        raise ModelError(f"{jpath}: missing; {d} is not a saved medrobust model")
+    meta = _read_json(jpath)
+    fmt = meta.get("format", FORMAT)
+    if fmt != FORMAT:
+        raise ModelError(f"{jpath}: 'format' is {fmt!r}, not {FORMAT!r}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(
+            f"{jpath}: format_version {version!r} is newer than this medrobust reads "
+            f"({FORMAT_VERSION}); upgrade medrobust"
+        )
+    if "architecture" not in meta:
+        raise ModelError(f"{jpath}: no 'architecture' entry")
+    module = _build_from_metadata(meta, jpath)
+    wname = meta.get("weights", WEIGHTS_FILE)
+    if not isinstance(wname, str) or not wname or Path(wname).is_absolute() or ".." in Path(
+        wname
+    ).parts:
+        raise ModelError(f"{jpath}: 'weights' must be a file name inside {d}; got {wname!r}")
+    wpath = d / wname
+    if not wpath.is_file():
+        raise ModelError(f"{wpath}: weights file missing")
+    load_weights_into(module, read_weights(wpath), wpath)
+    module.eval()
+    if device is not None:
+        module.to(device)
+    clf, pre = _wrap(module, meta, jpath)
+    return LoadedModel(module=module, classifier=clf, metadata=meta, path=d, preprocess=pre)
+
+
+def load_from_factory(
+    factory: str,
+    weights: str | os.PathLike[str],
+    *,
+    args: Mapping[str, Any] | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    units: str = "intensity",
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    preprocess: nn.Module | Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    task: str | None = None,
+    device: torch.device | str | None = None,
+) -> LoadedModel:
+    """Load a user's own network: ``factory(**args)`` plus a weights file (safetensors or ``.pt``).
+
+    ``factory`` is ``"package.module:function"`` (the module must be importable). The weights are
+    read without unpickling code (see :func:`read_weights`) and must match the network exactly.
+    Save the result with :func:`save_model` (``factory=...``) to get a self-describing folder.
+    """
+    builder = resolve_factory(factory)
+    try:
+        module = builder(**dict(args or {}))
+    except Exception as err:
+        raise ModelError(f"factory {factory!r} failed ({err})") from err
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"factory {factory!r} returned {type(module).__name__}, not a Module")
+    load_weights_into(module, read_weights(weights), Path(weights))
+    module.eval()
+    if device is not None:
+        module.to(device)
+    meta = build_metadata(
+        module,
+        factory=factory,
+        arch_args=dict(args or {}),
+        bounds=bounds,
+        units=units,
+        mean=mean,
+        std=std,
+        preprocess=preprocess,
+        class_names=class_names,
+        num_classes=num_classes,
+        task=task,
+    )
+    clf, pre = _wrap(module, meta, factory)
+    return LoadedModel(module=module, classifier=clf, metadata=meta, path=None, preprocess=pre)
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "MODEL_JSON",
+    "ModelError",
+    "WEIGHTS_FILE",
+    "atomic_directory",
+    "build_metadata",
+    "load_from_factory",
+    "load_model",
+    "load_weights_into",
+    "read_weights",
+    "resolve_factory",
+    "save_model",
+    "write_model_files",
+]
