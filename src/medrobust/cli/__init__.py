@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 
 # name -> module path; each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "train": "medrobust.cli.train",
+}
 
 
 class CLIError(Exception):
