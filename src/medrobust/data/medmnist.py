@@ -293,19 +293,19 @@ def is_medmnist_name(name: str) -> bool:
     return True
 
 
-def medmnist_filename(flag: str, size: int = 28) -> str:
+def medmnist_filename(flag: str, size: int | None = None) -> str:
     """``<flag>.npz`` at 28, ``<flag>_<size>.npz`` otherwise."""
     flag, size = parse_medmnist_name(flag, size)
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
-def medmnist_md5(flag: str, size: int = 28) -> str:
+def medmnist_md5(flag: str, size: int | None = None) -> str:
     """The official MD5 of the file, from MedMNIST's metadata."""
     flag, size = parse_medmnist_name(flag, size)
     return MEDMNIST_INFO[flag].md5[size]
 
 
-def medmnist_url(flag: str, size: int = 28, base_url: str | None = None) -> str:
+def medmnist_url(flag: str, size: int | None = None, base_url: str | None = None) -> str:
     """The file's download URL: official Zenodo, or ``base_url`` / ``MEDROBUST_MEDMNIST_URL``.
 
     ``base_url`` may hold ``{file}`` (replaced by the file name); otherwise the file name is
