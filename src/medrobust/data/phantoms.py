@@ -239,14 +239,22 @@ def make_phantoms(
     has[torch.randperm(n, generator=g)[:n_pos]] = True
     coords = _axes(spatial)
     hus, masks = [], []
-    for start in range(0, n, _CHUNK):
-        h, m = _chunk(
-            g, has[start : start + _CHUNK], spatial, coords, float(lesion_contrast),
-            (float(lesion_radius[0]), float(lesion_radius[1])), lesion_polarity, float(noise),
-            float(texture), int(n_organs),
-        )
-        hus.append(h)
-        masks.append(m)
+    # Generation is many small elementwise ops: on a busy machine intra-op threads mostly wait
+    # on each other (we measured 100x slowdowns with 2 threads under load), so run it on one
+    # thread and restore the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, n, _CHUNK):
+            h, m = _chunk(
+                g, has[start : start + _CHUNK], spatial, coords, float(lesion_contrast),
+                (float(lesion_radius[0]), float(lesion_radius[1])), lesion_polarity,
+                float(noise), float(texture), int(n_organs),
+            )
+            hus.append(h)
+            masks.append(m)
+    finally:
+        torch.set_num_threads(threads)
     hu = torch.cat(hus) if hus else torch.zeros((0, *spatial))
     mask = torch.cat(masks) if masks else torch.zeros((0, *spatial), dtype=torch.bool)
     if units == "HU":
