@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # name -> module path; each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, str] = {
     "train": "medrobust.cli.train",
+    "attack": "medrobust.cli.attack",
 }
 
 
