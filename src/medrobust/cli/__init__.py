@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 # name -> module path; each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, str] = {
+    "evaluate": "medrobust.cli.evaluate",
     "train": "medrobust.cli.train",
     "attack": "medrobust.cli.attack",
+    "demo": "medrobust.cli.demo",
 }
 
 

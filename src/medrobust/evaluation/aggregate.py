@@ -141,7 +141,7 @@ def aggregate(
     for spec in specs:
         block: dict[str, Any] = {
             "key": spec.key,
-            "kind": "minimum-norm" if spec.minimization else "fixed-budget",
+            "kind": spec.kind,
             "single_step": spec.single_step,
             "per_eps": [],
             "large_eps": None,

@@ -58,7 +58,10 @@ def parse_budget(item: str | float | int | Budget) -> Budget:
         raise EvaluationError(f"malformed eps {item!r}") from None
     if den == 0:
         raise EvaluationError(f"malformed eps {item!r}: division by zero")
-    v = float(num / den)
+    try:
+        v = float(num / den)
+    except OverflowError:
+        raise EvaluationError(f"malformed eps {item!r}: too large") from None
     if not math.isfinite(v):
         raise EvaluationError(f"malformed eps {item!r}: not a finite number")
     return Budget(v, item.strip().replace(" ", ""))

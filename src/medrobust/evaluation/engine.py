@@ -12,10 +12,12 @@ batch index (:func:`unit_seed`), so a run that was killed and resumed computes e
 an uninterrupted run computes. Memory: only the current batch's images and small per-sample
 vectors (predictions, flags, norms) are held; images are never stored.
 
-Attacks are built by name from :data:`medrobust.attacks.ATTACKS`. A fixed-budget attack is run once
-per budget. A minimum-norm attack (``Attack.minimization = True``, e.g. DeepFool or C&W) is run
-once per batch, and a sample counts as broken at budget ``eps`` when the attack succeeded with a
-perturbation of norm ``<= eps`` (measured in the evaluation's norm).
+Attacks are built by name from :data:`medrobust.attacks.ATTACKS`. A fixed-budget attack (a
+:class:`~medrobust.attacks.FixedBudgetAttack`) is run once per budget. Any other attack — a
+minimum-norm attack (:class:`~medrobust.attacks.MinimumNormAttack`: DeepFool, C&W, ...) or one
+with a budget of another kind (sparse, spatial) — is run once per batch, and a sample counts as
+broken at budget ``eps`` when the attack succeeded with a perturbation of norm ``<= eps``,
+measured in the evaluation's norm.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medrobust.attacks import ATTACKS, Attack
+from medrobust.attacks import ATTACKS, Attack, FixedBudgetAttack, MinimumNormAttack
 from medrobust.data.base import ImageData
 from medrobust.evaluation.budgets import Budget, default_budgets, large_budget, parse_budgets
 from medrobust.evaluation.errors import EvaluationError, ResultsStoreError
@@ -137,7 +139,9 @@ class AttackSpec:
         cls: the attack class.
         kwargs: extra constructor arguments (``eps``, ``norm`` and ``seed`` are the engine's).
         key: ``name`` plus a hash of ``kwargs``: the attack's identity in the results database.
-        minimization: a minimum-norm attack (run once, judged against every budget).
+        minimization: not a fixed-budget attack: run once per batch and judged against every
+            budget by the norm of its perturbation.
+        kind: "fixed-budget", "minimum-norm" or "unbounded" (another kind of budget).
         single_step: one gradient step (FGSM) — the baseline of the "iterative beats single-step"
             check.
     """
@@ -148,12 +152,14 @@ class AttackSpec:
     key: str
     minimization: bool
     single_step: bool
+    kind: str = "fixed-budget"
 
     def build(self, eps: float | None, norm: str, seed: int) -> Attack:
         """The attack object for one unit of work."""
         kw = dict(self.kwargs)
         kw["seed"] = int(seed)
-        kw["norm"] = norm
+        if not self.minimization or _accepts(self.cls, "norm"):
+            kw["norm"] = norm
         if not self.minimization:
             kw["eps"] = float(eps if eps is not None else 0.0)
         return self.cls(**kw)
@@ -165,7 +171,7 @@ class AttackSpec:
             cfg.pop(k, None)
         return {
             "name": self.name,
-            "kind": "minimum-norm" if self.minimization else "fixed-budget",
+            "kind": self.kind,
             "single_step": self.single_step,
             "kwargs": _jsonable(self.kwargs),
             "config": _jsonable(cfg),
@@ -212,7 +218,9 @@ def build_attack_specs(
         seen.add(name)
         cls = ATTACKS[name]
         kw: dict[str, Any] = {}
-        minimization = bool(getattr(cls, "minimization", False))
+        minimization = not issubclass(cls, FixedBudgetAttack)
+        kind = ("fixed-budget" if not minimization else
+                "minimum-norm" if issubclass(cls, MinimumNormAttack) else "unbounded")
         if not minimization and _accepts(cls, "early_stop"):
             kw["early_stop"] = True
         for k, v in (common_kwargs or {}).items():
@@ -226,17 +234,16 @@ def build_attack_specs(
                 "norm= to evaluate, and seed= for the run)"
             )
         key = f"{name}:{_sha256_json(_jsonable(kw))[:12]}"
-        spec = AttackSpec(name, cls, kw, key, minimization, single_step=False)
+        spec = AttackSpec(name, cls, kw, key, minimization, single_step=False, kind=kind)
         try:
             atk = spec.build(None if minimization else 0.0, norm, 0)
         except (TypeError, ValueError) as err:
             raise EvaluationError(f"attack {name!r}: invalid arguments {kw}: {err}") from None
         spec.single_step = (not minimization) and int(getattr(atk, "steps", 0) or 0) == 1
         specs.append(spec)
-    if per_attack:
-        raise EvaluationError(
-            f"attack_kwargs for attack(s) not evaluated: {', '.join(sorted(per_attack))}"
-        )
+    unknown = sorted(k for k in per_attack if k.replace("-", "").replace("_", "") not in ATTACKS)
+    if unknown:  # a typo; arguments of known attacks that are not evaluated are ignored
+        raise EvaluationError(f"attack_kwargs for unknown attack(s): {', '.join(unknown)}")
     return specs
 
 
@@ -808,6 +815,8 @@ def _run_units(
     n = len(data)
     nb = (n + batch_size - 1) // batch_size
     span = float(clf.bounds[1] - clf.bounds[0])
+    # test hook: seconds to sleep after each computed unit (lets a test kill a run mid-way)
+    delay = float(os.environ.get("_MEDROBUST_TEST_UNIT_DELAY", "0") or 0)
     eps_list: list[Budget] = list(budgets) + ([big] if big is not None else [])
     units: list[tuple[AttackSpec | None, Budget | None]] = [(None, None)]
     for s in specs:
@@ -852,6 +861,8 @@ def _run_units(
                         )
                     store.put(unit_hash, unit, eps_key, b, rec)
                     counts["computed"] += 1
+                    if delay > 0:
+                        time.sleep(delay)
                 else:
                     counts["reused"] += 1
                 if "idx" in rec:

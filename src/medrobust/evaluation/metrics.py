@@ -181,9 +181,10 @@ def _filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     k = kernel.to(dtype=x.dtype, device=x.device)
     for axis in range(dims):
-        shape = [c, 1] + [1] * dims
+        shape = [1, 1] + [1] * dims
         shape[2 + axis] = k.numel()
-        x = conv(x, k.reshape(shape), groups=c)
+        weight = k.reshape(shape).repeat([c] + [1] * (dims + 1))
+        x = conv(x, weight, groups=c)
     return x
 
 
