@@ -12,7 +12,6 @@ SUBCOMMANDS: dict[str, str] = {
     "evaluate": "medrobust.cli.evaluate",
     "train": "medrobust.cli.train",
     "attack": "medrobust.cli.attack",
-    "demo": "medrobust.cli.demo",
 }
 
 
