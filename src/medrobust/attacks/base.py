@@ -144,7 +144,10 @@ class Attack(ABC):
     """
 
     name: str = "attack"
-    minimization: bool = False
+    supports_targeted: bool = True
+    spatial_ranks: tuple[int, ...] | None = None
+    """The spatial ranks (1 = signals, 2 = images, 3 = volumes) the method makes sense for;
+    ``None`` means any."""
 
     def __init__(
         self,
@@ -216,10 +219,18 @@ class Attack(ABC):
                 "network: medrobust.Classifier(module, bounds=(lo, hi))"
             )
         model.check_inputs(inputs)
+        rank = inputs.dim() - 2
+        if self.spatial_ranks is not None and rank not in self.spatial_ranks:
+            raise ValueError(
+                f"{type(self).__name__} works on inputs with {self.spatial_ranks} spatial "
+                f"dimensions; got shape {tuple(inputs.shape)} ({rank} spatial)"
+            )
         n = int(inputs.shape[0])
         device, dtype = model.device, model.dtype
         y = _check_classes(labels, n, "labels")
         t = None if target is None else _check_classes(target, n, "target")
+        if t is not None and not self.supports_targeted:
+            raise ValueError(f"{type(self).__name__} is an untargeted attack; call it without target")
         m = _check_mask(mask, inputs)
 
         gen, used_seed = _new_generator(self.seed, self.generator)
