@@ -32,10 +32,10 @@ SECTION = "## MedMNIST training benchmark"
 
 # (dataset, network, epochs, batch size)
 RUNS = [
-    ("pneumoniamnist", "resnet18", 10, 128),
-    ("breastmnist", "resnet18", 30, 64),
-    ("pneumoniamnist", "smallcnn", 20, 128),
-    ("breastmnist", "smallcnn", 40, 64),
+    ("pneumoniamnist", "resnet18", 4, 128),
+    ("breastmnist", "resnet18", 12, 64),
+    ("pneumoniamnist", "smallcnn", 10, 128),
+    ("breastmnist", "smallcnn", 30, 64),
 ]
 GOALS = {
     ("pneumoniamnist", "resnet18"): {"acc": 0.84, "auc": 0.93},

@@ -80,11 +80,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-def _load(name: str, split: str, size: int | None) -> Any:
+def _load(name: str, split: str, size: int | None, limit: int | None = None) -> Any:
     """Load a split with the data layer's ``load_dataset`` (MedMNIST loader as a fallback)."""
     kw: dict[str, Any] = {}
     if size is not None:
         kw["size"] = size
+    if limit is not None and name.lower().startswith("phantom"):
+        kw["n"] = limit  # generate only what is used
     try:
         from medrobust.data import load_dataset  # type: ignore[attr-defined]
     except ImportError:
@@ -101,6 +103,11 @@ def _data_error() -> type[Exception]:
         return DataError
     except ImportError:  # pragma: no cover
         return ValueError
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two datasets hold the same images (a source that ignores ``split``)."""
+    return bool(a.images.shape == b.images.shape and torch.equal(a.images, b.images))
 
 
 def _subset(data: Any, n: int | None, seed: int) -> Any:
@@ -216,15 +223,18 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- data
     try:
-        train_data = _load(args.data, "train", args.size)
-    except DataError as err:
-        raise CLIError(str(err)) from None
+        train_data = _load(args.data, "train", args.size, args.limit)
+    except (DataError, ValueError, TypeError) as err:
+        raise CLIError(f"--data {args.data}: {err}") from None
     val_note = ""
     try:
-        val_data = _load(args.data, "val", args.size)
-    except DataError:
+        val_data = _load(args.data, "val", args.size, args.limit)
+    except (DataError, ValueError, TypeError):
         val_data = None
-    if val_data is None or len(val_data) == 0:
+    if val_data is not None and _same(val_data, train_data):
+        val_data = None  # a source without splits (one DICOM/NIfTI file or folder)
+    has_splits = val_data is not None and len(val_data) > 0
+    if not has_splits:
         # hold out 15% of the training data (seeded) for validation
         g = torch.Generator().manual_seed(args.seed)
         perm = torch.randperm(len(train_data), generator=g)
@@ -298,11 +308,13 @@ def run(args: argparse.Namespace) -> int:
             except FloatingPointError as err:
                 raise CLIError(str(err)) from None
             test_metrics: dict[str, float] | None = None
-            if not args.no_test and result.classifier is not None:
+            if has_splits and not args.no_test and result.classifier is not None:
                 try:
-                    test_data = _subset(_load(args.data, "test", args.size), args.limit,
-                                        args.seed + 2)
-                except DataError:
+                    test_data = _subset(_load(args.data, "test", args.size, args.limit),
+                                        args.limit, args.seed + 2)
+                except (DataError, ValueError, TypeError):
+                    test_data = None
+                if test_data is not None and _same(test_data, val_data):
                     test_data = None
                 if test_data is not None and len(test_data) > 0:
                     test_metrics = evaluate(result.classifier, test_data)
