@@ -17,6 +17,7 @@ from medrobust.attacks.base import (
     RunOutput,
 )
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
+from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
 
@@ -26,6 +27,11 @@ ATTACKS: dict[str, type[Attack]] = {
     "ifgsm": BIM,
     "pgd": PGD,
     "mifgsm": MIFGSM,
+    "deepfool": DeepFool,
+    "carliniwagnerl2": CarliniWagnerL2,
+    "cw": CarliniWagnerL2,
+    "ead": EAD,
+    "lbfgs": LBFGS,
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
@@ -50,9 +56,13 @@ __all__ = [
     "Attack",
     "AttackContext",
     "BIM",
+    "CarliniWagnerL2",
+    "DeepFool",
+    "EAD",
     "FGSM",
     "FixedBudgetAttack",
     "GradientAttack",
+    "LBFGS",
     "JSMA",
     "MIFGSM",
     "MinimumNormAttack",
