@@ -344,3 +344,25 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
         _eval(out=blocker / "sub", attacks=["fgsm"])
     with pytest.raises(EvaluationError, match="not a folder"):
         _eval(out=blocker, attacks=["fgsm"])
+
+
+def test_display_window_for_medical_images() -> None:
+    from medrobust.evaluation.engine import display_window
+    from medrobust.preprocessing import IntensityWindow
+
+    data = linear_data()
+    # a CT window in the model (HU): the gallery shows what the network sees
+    hu = mr.Classifier(torch.nn.Flatten(), bounds=(-1024.0, 3071.0),
+                       preprocess=IntensityWindow(40, 400))
+    hu_data = ImageData(data.images * 100, data.labels, (-1024.0, 3071.0), "HU", "binary",
+                        ["a", "b"], meta={"window": (-600, 1500)})
+    assert display_window(hu, {}, hu_data) == (-160.0, 240.0)
+    # else the data's own window, when it fits its range ...
+    plain = mr.Classifier(torch.nn.Flatten(), bounds=(-1024.0, 3071.0))
+    assert display_window(plain, {}, hu_data) == (-1350.0, 150.0)
+    # ... a CT window on [0, 1] data is ignored: the bounds
+    data.meta["window"] = (40, 400)
+    assert display_window(linear_model(), {}, data) == (0.0, 1.0)
+    meta = {"preprocessing": {"steps": {"type": "compose", "steps": [
+        {"type": "window", "lo": -1000.0, "hi": 400.0}]}}}
+    assert display_window(plain, meta, hu_data) == (-1000.0, 400.0)

@@ -329,11 +329,14 @@ def display_window(clf: Classifier, meta: Mapping[str, Any], data: ImageData
             return float(m.lo), float(m.hi)
         if hasattr(m, "steps"):
             mods.extend(list(m.steps))
+    lo, hi = float(data.bounds[0]), float(data.bounds[1])
     win = data.meta.get("window") if data.meta else None
     if isinstance(win, (list, tuple)) and len(win) == 2:
         c, w = float(win[0]), float(win[1])
-        return c - w / 2, c + w / 2
-    return float(data.bounds[0]), float(data.bounds[1])
+        # only a window that fits the data's range (a CT window on [0, 1] data is ignored)
+        if 0 < w <= hi - lo and c - w / 2 < hi and c + w / 2 > lo:
+            return c - w / 2, c + w / 2
+    return lo, hi
 
 
 def check_model_data(info: ModelInfo, data: ImageData) -> int:
