@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -28,6 +29,7 @@ from medrobust.training import evaluate, seeded, train
 
 HERE = Path(__file__).resolve().parent
 REPORT = HERE / "TRAINING.md"
+RESULTS = HERE / "train_medmnist_results.json"  # rows of every run, merged by (dataset, net)
 SECTION = "## MedMNIST training benchmark"
 
 # (dataset, network, epochs, batch size)
@@ -74,13 +76,52 @@ def run_one(data_dir: str, dataset: str, net: str, epochs: int, bs: int) -> dict
             "test_auc": test["auc"], "wall_s": wall, "n_train": len(tr), "n_test": len(te)}
 
 
+def _table_rows(text: str) -> list[dict]:
+    """Rows already in the report's table (written by an earlier or concurrent process)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 9 or not cells[0].endswith("mnist"):
+            continue
+        try:
+            rows.append({"dataset": cells[0], "net": cells[1], "epochs": int(cells[2]),
+                         "best_epoch": int(cells[3]), "val_acc": float(cells[4]),
+                         "val_auc": float(cells[5]), "test_acc": float(cells[6]),
+                         "test_auc": float(cells[7]),
+                         "wall_s": float(cells[8].split()[0]) * 60})
+        except ValueError:
+            continue
+    return rows
+
+
+def _merge(rows: list[dict]) -> list[dict]:
+    """This process's rows over those in RESULTS and in the report; saved back to RESULTS."""
+    merged: dict[tuple[str, str], dict] = {}
+    if REPORT.exists() and SECTION in REPORT.read_text():
+        for r in _table_rows(REPORT.read_text().split(SECTION, 1)[1]):
+            merged[(r["dataset"], r["net"])] = r
+    if RESULTS.exists():
+        for r in json.loads(RESULTS.read_text()):
+            merged[(r["dataset"], r["net"])] = r
+    for r in rows:
+        merged[(r["dataset"], r["net"])] = r
+    order = {(d, n): i for i, (d, n, _, _) in enumerate(RUNS)}
+    out = sorted(merged.values(), key=lambda r: order.get((r["dataset"], r["net"]), 99))
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def write_report(rows: list[dict], threads: int, total: float, done: bool) -> None:
+    rows = _merge(rows)
     lines = [SECTION, ""]
     lines.append(
         f"Run {dt.date.today().isoformat()} by `python benchmarks/train_medmnist.py` on "
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores visible, "
-        f"torch {torch.__version__}, {threads} thread(s)); total wall time {total / 60:.1f} min"
-        f"{'' if done else ' (INCOMPLETE: still running or interrupted)'}."
+        f"torch {torch.__version__}, {threads} thread(s) per process); wall time of the last "
+        f"process {total / 60:.1f} min{'' if done else ' (INCOMPLETE: still running)'}. "
+        "Wall time per run is in the table; the machine was shared with other jobs (load "
+        "average about 9 on 2 cores), so times on an idle 2-core machine are several times "
+        "shorter."
     )
     lines.append("Schedule: Adam lr 1e-3, cosine LR, MedMNIST normalization (0.5/0.5), seed 0, "
                  "no augmentation; the state with the best validation AUC is evaluated on the "
@@ -125,7 +166,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1 epoch each (a smoke test)")
     ap.add_argument("--only", default=None, help="comma-separated dataset/net pairs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from the stored results, train nothing")
     a = ap.parse_args()
+    if a.report_only:
+        write_report([], a.threads, 0.0, done=True)
+        return 0
     torch.set_num_threads(a.threads)
     rows: list[dict] = []
     start = time.perf_counter()

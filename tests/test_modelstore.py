@@ -61,6 +61,10 @@ def test_round_trip_gives_identical_logits(saved: Path) -> None:
     assert meta["preprocessing"]["mean"] == [0.4] and meta["data"]["sha256"] == "ab"
     assert meta["medrobust_version"] and meta["task"] == "binary"
     assert sorted(os.listdir(saved)) == ["model.json", "weights.safetensors"]
+    assert load_model(saved, device="auto").classifier is not None
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            load_model(saved, device="cuda")
 
 
 def test_round_trip_segmentation_unet(tmp_path: Path) -> None:

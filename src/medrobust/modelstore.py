@@ -440,6 +440,18 @@ class LoadedModel:
         return str(self.metadata["input"].get("units", "intensity"))
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """``None``: CPU; ``"auto"``: CUDA when available; otherwise the device given."""
+    if device is None:
+        return torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} requested but CUDA is not available")
+    return dev
+
+
 def _split_factory(spec: str) -> tuple[str, str]:
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise ModelError(f"factory must be 'package.module:function'; got {spec!r}")
@@ -622,8 +634,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a model directory written by :func:`save_model` (or by hand, following the schema).
 
-    Returns the module (eval mode, on ``device``, default CPU), a ready :class:`Classifier`, and
-    the metadata.
+    Returns the module (eval mode, on ``device``: default CPU, ``"auto"`` picks CUDA when
+    available), a ready :class:`Classifier`, and the metadata.
 
     Raises:
         ModelError: missing directory / ``model.json`` / weights, malformed JSON, unknown
@@ -660,8 +672,7 @@ def load_model(
         raise ModelError(f"{wpath}: weights file missing")
     load_weights_into(module, read_weights(wpath), wpath)
     module.eval()
-    if device is not None:
-        module.to(device)
+    module.to(_device(device))
     clf, pre = _wrap(module, meta, jpath)
     return LoadedModel(module=module, classifier=clf, metadata=meta, path=d, preprocess=pre)
 
@@ -696,8 +707,7 @@ def load_from_factory(
         raise ModelError(f"factory {factory!r} returned {type(module).__name__}, not a Module")
     load_weights_into(module, read_weights(weights), Path(weights))
     module.eval()
-    if device is not None:
-        module.to(device)
+    module.to(_device(device))
     meta = build_metadata(
         module,
         factory=factory,
