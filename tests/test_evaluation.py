@@ -366,3 +366,16 @@ def test_display_window_for_medical_images() -> None:
     meta = {"preprocessing": {"steps": {"type": "compose", "steps": [
         {"type": "window", "lo": -1000.0, "hi": 400.0}]}}}
     assert display_window(plain, meta, hu_data) == (-1000.0, 400.0)
+
+
+def test_registered_deepfool_is_evaluated_as_a_minimum_norm_attack() -> None:
+    if "deepfool" not in ATTACKS:
+        pytest.skip("DeepFool is not registered")
+    data = linear_data()
+    res = _eval(attacks=["fgsm", "deepfool"], gallery=1)
+    block = res.results["attacks"]["deepfool"]
+    assert block["kind"] == "minimum-norm"
+    for e in block["per_eps"]:
+        # DeepFool is exact on a linear model, up to its small overshoot
+        assert abs(e["robust_accuracy"]["k"] - int(hand_robust(data, e["eps"]).sum())) <= 2
+    assert res.results["gallery"][0]["attack"] == "fgsm"  # fixed-budget examples first

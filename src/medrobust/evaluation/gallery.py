@@ -45,7 +45,10 @@ def choose_gallery(results: dict[str, Any], budgets: list[Budget], specs: list[A
             break
     best = None
     best_acc = float("inf")
-    for s in specs:  # the strongest; ties go to the later attack (usually the iterative one)
+    # fixed-budget attacks show an example at exactly this budget; a minimum-norm attack's
+    # example is shown only when there is no fixed-budget attack
+    fixed = [s for s in specs if not s.minimization] or specs
+    for s in fixed:  # the strongest; ties go to the later attack (usually the iterative one)
         acc = results["attacks"][s.name]["per_eps"][chosen_i]["robust_accuracy"]["value"]
         acc = float("inf") if acc is None else acc
         if acc <= best_acc:
@@ -94,6 +97,8 @@ def build_gallery(
             break
     names = list(data.class_names) or [str(i) for i in range(clean["probs"].shape[1])]
     eps_key = MIN_NORM_KEY if spec.minimization else budget.key
+    stored = collected[f"{spec.key}|{eps_key}"]
+    raw_pred = dict(zip(stored["idx"].tolist(), stored["pred"].tolist(), strict=True))
     items: list[dict[str, Any]] = []
     n = len(data)
     for b in sorted(set(batches)):
@@ -123,8 +128,9 @@ def build_gallery(
                 "attack": spec.name,
                 "eps": budget.value,
                 "eps_label": budget.label,
-                "fooled": bool(pa[j].argmax() != int(y[i])),
-                "reproduced": bool(int(pa[j].argmax()) == int(v["pred"][i])),
+                # counted as fooled at this budget (a minimum-norm example may need more)
+                "fooled": bool(v["pred"][i] != int(y[i])),
+                "reproduced": bool(int(pa[j].argmax()) == int(raw_pred[i])),
                 "linf": float(delta.abs().max()),
                 "l2": float(delta.norm()),
                 "clean_top3": _top3(pc[j], names),
