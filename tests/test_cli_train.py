@@ -67,6 +67,17 @@ def test_train_phantom_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc == 0
 
 
+def test_train_segmentation_phantom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "seg"
+    rc = main(["train", "--data", "phantom-seg", "--model", "unet", "--size", "16", "--limit",
+               "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "val dice" in capsys.readouterr().out
+    loaded = load_model(out)
+    assert loaded.task == "segmentation" and loaded.classifier is None
+    assert loaded.module(torch.rand(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -233,7 +233,8 @@ def _evaluate(
                 y = data.labels[i : i + batch_size].to(device)
                 if task == "segmentation":
                     logits = _SegWrapper(wrapper).forward(x)
-                    losses.append(float(F.cross_entropy(logits, y, reduction="sum")))
+                    # mean over voxels, summed over samples
+                    losses.append(float(F.cross_entropy(logits, y)) * int(y.shape[0]))
                     dices.append(dice_scores(logits.argmax(1), y, logits.shape[1]))
                     continue
                 logits = wrapper.forward(x)
