@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "evaluate": "medrobust.cli.evaluate",
     "train": "medrobust.cli.train",
     "attack": "medrobust.cli.attack",
+    "demo": "medrobust.cli.demo",
 }
 
 
