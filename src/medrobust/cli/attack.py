@@ -227,9 +227,19 @@ def _display_range(loaded: Any, values: np.ndarray, bounds: tuple[float, float])
     return vmin, vmax, f"range [{vmin:g}, {vmax:g}]"
 
 
-def _pick_slice(a: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """(C, *S) -> a 2D (H, W) or (H, W, 3) view, the slice with the largest change for volumes."""
+def _pick_slice(a: np.ndarray, d: np.ndarray, nifti: bool = False) -> tuple[
+    np.ndarray, np.ndarray, str
+]:
+    """(C, *S) -> a 2D (H, W) or (H, W, 3) view, the slice with the largest change for volumes.
+
+    Volumes are sliced along the first spatial axis (DICOM series, ``.npy``: slices first), or
+    for NIfTI along the last one (``k``, axial in the usual RAS/LPS layouts), shown rotated so
+    that ``j`` runs up the screen.
+    """
     where = ""
+    if nifti and a.ndim >= 3:  # (C, I, J[, K]) -> (C, K, J, I) / (C, J, I), j upwards
+        a = np.flip(np.moveaxis(a, list(range(1, a.ndim)), list(range(a.ndim - 1, 0, -1))), -2)
+        d = np.flip(np.moveaxis(d, list(range(1, d.ndim)), list(range(d.ndim - 1, 0, -1))), -2)
     if a.ndim == 4:  # (C, D, H, W)
         energy = np.abs(d).sum(axis=(0, 2, 3))
         k = int(np.argmax(energy)) if energy.max() > 0 else a.shape[1] // 2
@@ -243,15 +253,16 @@ def _pick_slice(a: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, s
 
 
 def write_figure(path: Path, clean: np.ndarray, adv: np.ndarray, *, lo: float, hi: float,
-                 display: str, units: str, titles: tuple[str, str], note: str) -> None:
+                 display: str, units: str, titles: tuple[str, str], note: str,
+                 nifti: bool = False) -> None:
     """The side-by-side PNG: clean, amplified difference, adversarial (``(C, *S)`` arrays)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    c2, d2, where = _pick_slice(clean, adv - clean)
-    a2, _, _ = _pick_slice(adv, adv - clean)
+    c2, d2, where = _pick_slice(clean, adv - clean, nifti)
+    a2, _, _ = _pick_slice(adv, adv - clean, nifti)
     span = float(np.max(np.abs(d2))) if d2.size else 0.0
     span = span if span > 0 else 1.0
 
@@ -432,6 +443,7 @@ def run(args: argparse.Namespace) -> int:
     tmp_out: Path | None = None
     tmp_fig: Path | None = None
     created_dirs: list[Path] = []
+    done = False
     try:
         for parent in (out.parent, fig_path.parent):
             missing = []
@@ -470,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{'still adversarial' if still else 'NOT adversarial'} after rounding")
         tmp_fig = mio.temp_path(fig_path)
         write_figure(tmp_fig, clean64[0], back64[0], lo=lo_d, hi=hi_d, display=display,
-                     units=model_units, titles=titles, note=note)
+                     units=model_units, titles=titles, note=note,
+                     nifti=image.format == "nifti")
 
         # ---- commit: both or neither
         try:
@@ -485,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--figure {fig_path} appeared while writing; use --overwrite") \
                 from None
         tmp_fig = None
+        done = True
     except DataError as err:
         raise CLIError(str(err)) from None
     except OSError as err:
@@ -494,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
         for tmp in (tmp_out, tmp_fig):
             if tmp is not None and tmp.exists():
                 tmp.unlink()
-        if tmp_out is not None or tmp_fig is not None:
+        if not done:
             for d in reversed(created_dirs):
                 if d.exists() and not any(d.iterdir()):
                     d.rmdir()

@@ -348,10 +348,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"medrobust demo: {s['data']}",
         f"clean accuracy {100 * s['clean_accuracy']:.1f}%{auc}",
         "",
-        f"{'eps (' + s['units'] + ')':>12}  {'FGSM':>6}  {'PGD':>6}  {'worst case':>10}",
     ]
+    head = f"eps ({s['units']})"
+    w = max([len(head)] + [len(str(row["eps_label"])) for row in s["table"]])
+    lines.append(f"{head:>{w}}  {'FGSM':>6}  {'PGD':>6}  {'worst case':>10}")
     for row in s["table"]:
-        lines.append(f"{row['eps_label']:>12}  {pct(row['fgsm'])}  {pct(row['pgd'])}  "
+        lines.append(f"{row['eps_label']:>{w}}  {pct(row['fgsm'])}  {pct(row['pgd'])}  "
                      f"{pct(row['worst_case']):>10}")
     lines.append("(robust accuracy; worst case = per image, over both attacks)")
     if s["sanity_passed"]:
