@@ -259,3 +259,53 @@ def test_grid_snap_guarantees() -> None:
     c32 = (np.linspace(-3, 3, 1000) * np.pi).astype(np.float32).astype(np.float64)
     out = fg.snap(c32, c32 + 0.1, 0.1, "linf")
     assert (np.abs(out.astype(np.float32).astype(np.float64) - c32) <= 0.1).all()
+
+
+def test_dicom_series_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder of slices (each with its own rescale intercept) is attacked as one volume by a 3D
+    model and written as a new folder of slices: elements kept, int16, |change| <= eps in HU."""
+    from pydicom.uid import generate_uid
+
+    from medrobust.nets import build_network
+
+    src = pydicom.dcmread(_ct_small())
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        ds = src.copy()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-158.0, -179.0, -75.0 + 5.0 * i]
+        ds.SOPInstanceUID = generate_uid()
+        ds.RescaleIntercept = -1024 if i % 2 == 0 else -1000
+        ds.save_as(series / f"s{2 - i}.dcm")  # file names in reverse slice order
+    torch.manual_seed(0)
+    net = build_network("smallcnn", in_channels=1, num_classes=2, spatial_dims=3, width=4)
+    model = save_model(tmp_path / "m3d", net, bounds=(-1024.0, 3071.0), units="HU",
+                       mean=[40.0], std=[400.0], class_names=["normal", "lesion"])
+    out = tmp_path / "adv-series"
+    argv = ["attack", "--model", str(model), "--input", str(series), "--out", str(out),
+            "--eps", "10", "--units", "HU", "--steps", "2", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["s0.dcm", "s1.dcm", "s2.dcm"]
+    vols = []
+    for name in ("s2.dcm", "s1.dcm", "s0.dcm"):  # slice order along the normal
+        a, b = pydicom.dcmread(series / name), pydicom.dcmread(out / name)
+        assert set(a.keys()) == set(b.keys())
+        for elem in a:
+            if elem.tag != 0x7FE00010:
+                assert b[elem.tag] == elem
+        assert b.pixel_array.dtype == a.pixel_array.dtype
+        ha = a.pixel_array * 1.0 + float(a.RescaleIntercept)
+        hb = b.pixel_array * 1.0 + float(b.RescaleIntercept)
+        assert np.abs(hb - ha).max() <= 10
+        vols.append(hb)
+    clf = load_model(model).classifier
+    assert clf is not None
+    x = torch.from_numpy(np.stack(vols)).float().reshape(1, 1, 3, 128, 128)
+    pred = int(clf.predict(x)[0])
+    assert s["written"]["prediction"] == pred
+    assert s["still_adversarial_after_rounding"] is (pred != s["label"])
+    # the folder is not replaced without --overwrite
+    assert main(argv) == 2
+    assert "exists" in capsys.readouterr().err

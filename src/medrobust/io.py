@@ -13,6 +13,9 @@ then re-projects onto the budget *on the grid*, so that the file written satisfi
 ``|written - clean| <= eps`` exactly (``linf``), or ``||written - clean|| <= eps`` (``l2``, ``l1``),
 with no tolerance.
 
+A DICOM series (a folder of slices) is read as one volume and written back as a new folder of
+slices under the original file names, each slice on its own rescale grid.
+
 Layout: images are returned as ``(1, C, *spatial)`` float32 tensors. A PNG is ``(1, C, H, W)``
 (``C`` = 1 gray, 3 RGB; an alpha channel is kept unchanged and not attacked); an ``.npy`` array is
 read as ``(H, W)``, ``(C, H, W)`` / ``(D, H, W)`` (resolved by ``spatial_dims``) or
@@ -43,6 +46,7 @@ __all__ = [
     "Grid",
     "ImageFile",
     "commit",
+    "commit_dir",
     "format_of",
     "read_image",
     "temp_path",
@@ -457,9 +461,9 @@ def write_image(path: str | os.PathLike[str], values: np.ndarray, image: ImageFi
     if image.format == "dicom":
         from medrobust.data.dicom import write_dicom
 
-        written = write_dicom(out, v, image.meta)
-        if len(written) != 1:
-            raise DataError(f"{out}: a DICOM series is written as a folder, not a file")
+        if len(image.meta.get("datasets", [])) > 1 and out.exists():
+            raise DataError(f"{out}: a DICOM series is written into a new folder; it exists")
+        write_dicom(out, v, image.meta)  # one file, or a new folder of slices for a series
         return out
     if image.format == "nifti":
         from medrobust.data.nifti import write_nifti
@@ -529,6 +533,31 @@ def _write_npy(out: Path, v: np.ndarray, image: ImageFile) -> Path:
     except OSError as e:
         raise DataError(f"{out}: writing failed ({e})") from e
     return out
+
+
+def commit_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str],
+               overwrite: bool) -> None:
+    """Move the finished folder ``tmp`` to ``final`` (a DICOM series); an existing ``final`` is
+    replaced only with ``overwrite`` (moved aside first, deleted once the new one is in place)."""
+    t, f = Path(tmp), Path(final)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(t, 0o777 & ~mask)
+    if f.exists() or f.is_symlink():
+        if not overwrite:
+            raise FileExistsError(str(f))
+        trash = Path(tempfile.mkdtemp(prefix=f".{f.name}.old-", dir=f.parent))
+        os.rename(f, trash / "d")
+        try:
+            os.rename(t, f)
+        except BaseException:
+            os.rename(trash / "d", f)
+            raise
+        import shutil
+
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    os.rename(t, f)
 
 
 def commit(tmp: str | os.PathLike[str], final: str | os.PathLike[str], overwrite: bool) -> None:

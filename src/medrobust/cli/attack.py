@@ -9,7 +9,8 @@ attack works on the file's own values: Hounsfield units for CT DICOM, [0, 1] int
 (``level / 255``), the stored values for NIfTI and ``.npy`` (in the units given by ``--units``).
 
 The adversarial version is written in the input's format (``.dcm``, ``.nii``/``.nii.gz``,
-``.png``, ``.npy``) with everything but the pixel data kept (DICOM elements, NIfTI affine and
+``.png``, ``.npy``; a folder holding one DICOM series is attacked as a volume and written as a new
+folder of slices) with everything but the pixel data kept (DICOM elements, NIfTI affine and
 header, PNG mode and text chunks, ``.npy`` dtype and shape), in the file's own storage type. The
 attack runs in float; its result is then snapped to the values the file can store *and
 re-projected onto the budget on that grid* (:meth:`medrobust.io.Grid.snap`), so that the file
@@ -31,6 +32,8 @@ import inspect
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -178,8 +181,8 @@ def default_figure_path(out: Path) -> Path:
     return out.with_name(f"{name}_compare.png")
 
 
-def _check_output(path: Path, overwrite: bool, what: str) -> None:
-    if path.is_dir():
+def _check_output(path: Path, overwrite: bool, what: str, folder: bool = False) -> None:
+    if path.is_dir() and not folder:
         raise CLIError(f"{what} {path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise CLIError(f"{what} {path} exists; use --overwrite to replace it")
@@ -307,28 +310,32 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if not inp.exists():
         raise CLIError(f"--input {inp}: file not found")
-    if inp.is_dir():
-        raise CLIError(f"--input {inp} is a folder; give one file (a DICOM series folder is "
-                       "not supported by attack)")
-    in_fmt = mio.format_of(inp)
+    series = inp.is_dir()  # a DICOM series: a folder of slices in, a folder out
+    in_fmt = "dicom" if series else mio.format_of(inp)
     if in_fmt is None:
-        raise CLIError(f"--input {inp}: unknown format; expected .dcm, .nii, .nii.gz, .png, .npy")
+        raise CLIError(f"--input {inp}: unknown format; expected .dcm, .nii, .nii.gz, .png, .npy"
+                       " or a folder holding one DICOM series")
     out_fmt = mio.format_of(out, sniff=False)
     if out_fmt is None and in_fmt == "dicom" and not out.suffix:
+        out_fmt = "dicom"
+    if series:
+        if mio.format_of(out, sniff=False) is not None or out.is_file():
+            raise CLIError(f"--out {out.name}: a DICOM series is written as a folder of slices;"
+                           " give a folder name")
         out_fmt = "dicom"
     if out_fmt != in_fmt:
         raise CLIError(
             f"--out {out.name} must be in the input's format ({in_fmt}: "
             f"{' or '.join(mio.FORMATS[in_fmt])})"
         )
-    if out.resolve() == inp.resolve():
-        raise CLIError("--out is the input file; write the adversarial image elsewhere")
+    if out.resolve() == inp.resolve() or (series and inp.resolve() in out.resolve().parents):
+        raise CLIError("--out is the input; write the adversarial image elsewhere")
     fig_path = Path(args.figure).expanduser() if args.figure else default_figure_path(out)
     if fig_path.suffix.lower() != ".png":
         raise CLIError(f"--figure {fig_path} must end in .png")
     if fig_path.resolve() in (out.resolve(), inp.resolve()):
         raise CLIError(f"--figure {fig_path} collides with --input/--out")
-    _check_output(out, args.overwrite, "--out")
+    _check_output(out, args.overwrite, "--out", folder=series)
     _check_output(fig_path, args.overwrite, "--figure")
 
     # ---- the model
@@ -443,6 +450,7 @@ def run(args: argparse.Namespace) -> int:
     tmp_out: Path | None = None
     tmp_fig: Path | None = None
     created_dirs: list[Path] = []
+    tmp_parent: Path | None = None
     done = False
     try:
         for parent in (out.parent, fig_path.parent):
@@ -454,7 +462,12 @@ def run(args: argparse.Namespace) -> int:
             for d in reversed(missing):
                 d.mkdir()
                 created_dirs.append(d)
-        tmp_out = mio.temp_path(out)
+        if series:
+            tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
+                                               dir=out.parent))
+            tmp_out = tmp_parent / out.name
+        else:
+            tmp_out = mio.temp_path(out)
         mio.write_image(tmp_out, written, image)
         back = mio.read_image(tmp_out, units=model_units, spatial_dims=spatial_dims)
         back64 = back.exact_values()
@@ -487,14 +500,20 @@ def run(args: argparse.Namespace) -> int:
 
         # ---- commit: both or neither
         try:
-            mio.commit(tmp_out, out, args.overwrite)
+            if series:
+                mio.commit_dir(tmp_out, out, args.overwrite)
+            else:
+                mio.commit(tmp_out, out, args.overwrite)
         except FileExistsError:
             raise CLIError(f"--out {out} appeared while writing; use --overwrite") from None
         tmp_out = None
         try:
             mio.commit(tmp_fig, fig_path, args.overwrite)
         except FileExistsError:
-            os.unlink(out)
+            if series:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                os.unlink(out)
             raise CLIError(f"--figure {fig_path} appeared while writing; use --overwrite") \
                 from None
         tmp_fig = None
@@ -506,8 +525,10 @@ def run(args: argparse.Namespace) -> int:
                        f"({err.filename or out})") from None
     finally:
         for tmp in (tmp_out, tmp_fig):
-            if tmp is not None and tmp.exists():
+            if tmp is not None and tmp.is_file():
                 tmp.unlink()
+        if tmp_parent is not None and tmp_parent.exists():
+            shutil.rmtree(tmp_parent, ignore_errors=True)
         if not done:
             for d in reversed(created_dirs):
                 if d.exists() and not any(d.iterdir()):
