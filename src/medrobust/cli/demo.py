@@ -238,8 +238,10 @@ def _run_in(out: Path, replace: bool, cfg: DemoConfig, seed: int, quick: bool,
 
     old: Path | None = None
     created = False
+    was_empty = out.is_dir()  # an empty folder (a non-empty one is refused or replaced)
     try:
         if replace:
+            was_empty = False
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "d"
             os.rename(out, old)
         if not out.exists():
@@ -252,8 +254,10 @@ def _run_in(out: Path, replace: bool, cfg: DemoConfig, seed: int, quick: bool,
         marker.update({"complete": True, "config": _cfg_json(cfg), "summary": summary})
         (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     except BaseException:
-        if created:
+        if created or was_empty:
             shutil.rmtree(out, ignore_errors=True)
+            if was_empty:
+                out.mkdir(exist_ok=True)  # leave the empty folder as it was
         if old is not None:
             if out.exists():
                 shutil.rmtree(out, ignore_errors=True)
@@ -365,7 +369,10 @@ def format_summary(s: dict[str, Any]) -> str:
         "",
         f"report:  {s['report']}",
         f"results: {s['results']}",
-        f"model:   {s['model']}   (try: medrobust attack --model ... --input scan.dcm)",
+        f"model:   {s['model']}",
+        "try:     medrobust attack --model " + s["model"] + (
+            " --input scan.dcm --eps 5 --units HU --out adv.dcm" if s["units"] == "HU"
+            else " --input image.png --eps 2/255 --units intensity --out adv.png"),
         f"done in {s['wall_time_s']:.0f} s",
     ]
     return "\n".join(lines)
