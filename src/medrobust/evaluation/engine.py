@@ -154,14 +154,26 @@ class AttackSpec:
     single_step: bool
     kind: str = "fixed-budget"
 
-    def build(self, eps: float | None, norm: str, seed: int) -> Attack:
-        """The attack object for one unit of work."""
+    def build(self, eps: float | None, norm: str, seed: int, large: bool = False) -> Attack:
+        """The attack object for one unit of work.
+
+        ``large`` marks the unbounded sanity check (a budget holding the whole input range). There
+        an iterative attack starts from the clean input and takes at least ``LARGE_EPS_STEPS``
+        steps: its default step, a fraction of eps, would otherwise jump across the whole range
+        (and a random start lands anywhere in it), where a saturating intensity window has zero
+        gradient, and the check would flag the model for the attack's configuration.
+        """
         kw = dict(self.kwargs)
         kw["seed"] = int(seed)
         if not self.minimization or _accepts(self.cls, "norm"):
             kw["norm"] = norm
         if not self.minimization:
             kw["eps"] = float(eps if eps is not None else 0.0)
+        if large and not self.single_step:
+            if _accepts(self.cls, "random_start"):
+                kw["random_start"] = False
+            if _accepts(self.cls, "steps") and "step_size" not in kw:
+                kw["steps"] = max(int(kw.get("steps") or 0), LARGE_EPS_STEPS)
         return self.cls(**kw)
 
     def describe(self, norm: str) -> dict[str, Any]:
@@ -177,6 +189,10 @@ class AttackSpec:
             "config": _jsonable(cfg),
             "key": self.key,
         }
+
+
+LARGE_EPS_STEPS = 50
+"""The fewest steps an iterative attack takes in the unbounded (large-eps) sanity check."""
 
 
 def _accepts(cls: type, name: str) -> bool:
@@ -778,7 +794,7 @@ def _attack_index(labels: torch.Tensor, direction: str | None, pos: int) -> torc
 
 def _attack_unit(
     clf: Classifier, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-    eps: float | None, norm: str, seed: int, span: float,
+    eps: float | None, norm: str, seed: int, span: float, large: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run one attack on the samples ``idx`` of a batch; per-sample vectors of the result."""
     if idx.numel() == 0:
@@ -790,7 +806,7 @@ def _attack_unit(
             out["dist"] = empty_f
         return out
     xa, ya = x[idx], y[idx]
-    atk = spec.build(eps, norm, seed)
+    atk = spec.build(eps, norm, seed, large=large)
     res = atk(clf, xa, ya)
     adv = res.adversarial.detach()
     out = {
@@ -861,6 +877,7 @@ def _run_units(
                         rec = _attack_unit(
                             clf, spec, x, y, idx, None if budget is None else budget.value,
                             norm, unit_seed(seed, unit, eps_key, b), span,
+                            large=budget is not None and budget is big,
                         )
                     store.put(unit_hash, unit, eps_key, b, rec)
                     counts["computed"] += 1
