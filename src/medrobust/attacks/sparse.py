@@ -28,7 +28,7 @@ _PAIR_BLOCK = 1 << 23  # elements of one (samples x rows x d) block of JSMA's pa
 # ============================================================================ JSMA
 def best_pairs(
     alpha: torch.Tensor, beta: torch.Tensor, domain: torch.Tensor, increase: bool,
-    max_elements: int = _PAIR_BLOCK,
+    max_elements: int = _PAIR_BLOCK, prune: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's saliency map over all feature pairs (Papernot et al. 2016, Algorithm 3).
 
@@ -38,8 +38,12 @@ def best_pairs(
     decreasing them), and its saliency is ``-A * B``. Returns per sample the two feature indices of
     the admissible pair with the largest saliency, and whether an admissible pair exists.
 
-    The ``(d x d)`` outer sums are computed in blocks of rows (and of samples) of at most
-    ``max_elements`` elements, so memory stays bounded for large ``d``.
+    The search is exact over all pairs. With ``prune`` it is done as branch and bound: the
+    saliency of any pair holding ``p`` is at most ``ub_p = relu(a_p + max a) * relu(-b_p - min
+    b)``; the best pair among the features with the largest ``ub`` gives a lower bound ``L``, and
+    only features with ``ub_p > L`` can be in a better pair, so only their ``(k x k)`` map is
+    scored. Where too many features survive, the full ``(d x d)`` map is scored in blocks of rows
+    (and of samples) of at most ``max_elements`` elements, so memory stays bounded for large ``d``.
 
     Args:
         alpha, beta: ``(m, d)`` forward derivatives.
@@ -47,35 +51,71 @@ def best_pairs(
         increase: the sign conditions of the increasing (theta > 0) or decreasing variant.
     """
     m, d = alpha.shape
-    nan = torch.tensor(float("nan"), dtype=alpha.dtype, device=alpha.device)
-    # features outside the domain get NaN, so every comparison of their pairs is false
-    a = torch.where(domain, alpha, nan)
-    b = torch.where(domain, beta, nan)
-    if not increase:
-        a, b = -a, -b  # A < 0 and B > 0  <=>  -A > 0 and -B < 0; the saliency -A*B is unchanged
+    # the score is relu(A) * relu(-B): positive exactly on the admissible pairs. Features outside
+    # the domain get a huge negative alpha and -beta, so their pairs score 0.
+    big = torch.tensor(1e30 if alpha.dtype != torch.float16 else 6e4, dtype=alpha.dtype,
+                       device=alpha.device)
+    a = alpha if increase else -alpha  # A < 0, B > 0  <=>  -A > 0, -B < 0; -A*B is unchanged
+    nb = -beta if increase else beta
+    a = torch.where(domain, a, -big)
+    nb = torch.where(domain, nb, -big)
+    if prune and d > 64:
+        ub = (a + a.amax(1, keepdim=True)).clamp(min=0) * (
+            nb + nb.amax(1, keepdim=True)).clamp(min=0)
+        k0 = min(d, 64)
+        top = ub.topk(k0, dim=1).indices
+        low, p, q = _gathered_best(a, nb, top, max_elements)
+        k = int((ub > low[:, None]).sum(1).max())
+        if k <= k0:
+            return p, q, low > 0
+        if k * k * 4 <= d * d:
+            top = ub.topk(k, dim=1).indices
+            val, p, q = _gathered_best(a, nb, top, max_elements)
+            return p, q, val > 0
     best_score = torch.zeros(m, dtype=alpha.dtype, device=alpha.device)
     best_index = torch.zeros(m, dtype=torch.long, device=alpha.device)
     rows = max(1, min(d, max_elements // max(1, d)))
     samples = max(1, min(m, max_elements // max(1, rows * d)))
-    cols = torch.arange(d, device=alpha.device)
     for s0 in range(0, m, samples):
         s1 = min(m, s0 + samples)
-        a_s, b_s = a[s0:s1], b[s0:s1]
+        a_s, nb_s = a[s0:s1], nb[s0:s1]
         for r0 in range(0, d, rows):
             r1 = min(d, r0 + rows)
-            big_a = a_s[:, r0:r1, None] + a_s[:, None, :]
-            big_b = b_s[:, r0:r1, None] + b_s[:, None, :]
-            score = -big_a * big_b
-            ok = (big_a > 0) & (big_b < 0)
-            ok &= (torch.arange(r0, r1, device=alpha.device)[:, None] != cols[None, :])
-            score = torch.where(ok, score, torch.zeros((), dtype=score.dtype,
-                                                       device=score.device))
+            # pairs (p, q) with p in [r0, r1) and q >= r0: the upper triangle, by symmetry
+            score = (a_s[:, r0:r1, None] + a_s[:, None, r0:]).clamp_(min=0)
+            score.mul_((nb_s[:, r0:r1, None] + nb_s[:, None, r0:]).clamp_(min=0))
+            diag = torch.arange(r1 - r0, device=alpha.device)
+            score[:, diag, diag] = 0  # p != q
             val, idx = score.reshape(s1 - s0, -1).max(1)
+            width = d - r0
+            flat = (idx // width + r0) * d + (idx % width + r0)
             better = val > best_score[s0:s1]  # strictly: the paper's "if ... > max"
             best_score[s0:s1] = torch.where(better, val, best_score[s0:s1])
-            best_index[s0:s1] = torch.where(better, idx + r0 * d, best_index[s0:s1])
+            best_index[s0:s1] = torch.where(better, flat, best_index[s0:s1])
     found = best_score > 0
     return best_index // d, best_index % d, found
+
+
+def _gathered_best(a: torch.Tensor, nb: torch.Tensor, idx: torch.Tensor, max_elements: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best pair among the features ``idx`` ``(m, k)`` (distinct per row): score, p, q."""
+    m, k = idx.shape
+    ag, ng = a.gather(1, idx), nb.gather(1, idx)
+    samples = max(1, min(m, max_elements // max(1, k * k)))
+    vals, flats = [], []
+    diag = torch.arange(k, device=a.device)
+    for s0 in range(0, m, samples):
+        s1 = min(m, s0 + samples)
+        score = (ag[s0:s1, :, None] + ag[s0:s1, None, :]).clamp_(min=0)
+        score.mul_((ng[s0:s1, :, None] + ng[s0:s1, None, :]).clamp_(min=0))
+        score[:, diag, diag] = 0
+        v, f = score.reshape(s1 - s0, -1).max(1)
+        vals.append(v)
+        flats.append(f)
+    val, flat = torch.cat(vals), torch.cat(flats)
+    p = idx.gather(1, (flat // k)[:, None])[:, 0]
+    q = idx.gather(1, (flat % k)[:, None])[:, 0]
+    return val, p, q
 
 
 class JSMA(Attack):
@@ -269,6 +309,9 @@ class OnePixel(Attack):
         generations: the maximum number of generations (the paper: 100).
         f: DE's scale factor (the paper: 0.5).
         crossover: ``None`` (the paper) or the binomial crossover probability in (0, 1].
+        strategy: ``"rand1"`` (DE/rand/1, the paper) or ``"best1"`` (DE/best/1: the base vector
+            is the image's fittest member; scipy's default, used by ART and torchattacks, and
+            greedier: more successes within few generations).
         max_batch_elements: memory bound of one forward chunk (input elements).
         loss, seed, generator: see :class:`~medrobust.attacks.base.Attack`; all randomness comes
             from the attack's generator.
@@ -287,6 +330,7 @@ class OnePixel(Attack):
         generations: int = 100,
         f: float = 0.5,
         crossover: float | None = None,
+        strategy: str = "rand1",
         max_batch_elements: int = 1 << 24,
         loss: str = "ce",
         seed: int | None = None,
@@ -301,8 +345,11 @@ class OnePixel(Attack):
             raise ValueError(f"f must be in (0, 2]; got {f!r}")
         if crossover is not None and not (0 < crossover <= 1):
             raise ValueError(f"crossover must be None or in (0, 1]; got {crossover!r}")
+        if strategy not in ("rand1", "best1"):
+            raise ValueError(f"strategy must be 'rand1' or 'best1'; got {strategy!r}")
         if int(max_batch_elements) < 1:
             raise ValueError(f"max_batch_elements must be >= 1; got {max_batch_elements!r}")
+        self.strategy = strategy
         self.pixels = pixels
         self.population = population
         self.generations = generations
@@ -389,7 +436,7 @@ class OnePixel(Attack):
         spatial = tuple(x.shape[2:])
         s = len(spatial)
         lo, hi = ctx.bounds
-        k, pop = self.pixels, self.population
+        pop = self.population
         adv = x.clone()
         logits_out = ctx.logits(x).to(x.dtype)
         done = ctx.is_adversarial(logits_out, ctx.all_index())
@@ -428,7 +475,11 @@ class OnePixel(Attack):
             m = index.numel()
             r = _distinct_offsets(m, pop, ctx.generator).to(x.device)
             rows_ = torch.arange(m, device=x.device)[:, None]
-            a, b, c = popu[rows_, r[..., 0]], popu[rows_, r[..., 1]], popu[rows_, r[..., 2]]
+            b, c = popu[rows_, r[..., 1]], popu[rows_, r[..., 2]]
+            if self.strategy == "best1":
+                a = popu[torch.arange(m, device=x.device), fit.argmin(1)][:, None]
+            else:
+                a = popu[rows_, r[..., 0]]
             child = a + self.f * (b - c)
             if self.crossover is not None:
                 shape = popu.shape
