@@ -153,15 +153,17 @@ class AttackSpec:
     minimization: bool
     single_step: bool
     kind: str = "fixed-budget"
+    large_step: float | None = None
 
     def build(self, eps: float | None, norm: str, seed: int, large: bool = False) -> Attack:
         """The attack object for one unit of work.
 
         ``large`` marks the unbounded sanity check (a budget holding the whole input range). There
         an iterative attack starts from the clean input and takes at least ``LARGE_EPS_STEPS``
-        steps: its default step, a fraction of eps, would otherwise jump across the whole range
-        (and a random start lands anywhere in it), where a saturating intensity window has zero
-        gradient, and the check would flag the model for the attack's configuration.
+        steps of ``large_step`` (a fiftieth of the model's intensity window, or of the bounds):
+        its default step, a fraction of eps, would otherwise jump across the whole range (and a
+        random start lands anywhere in it), where a saturating intensity window has zero gradient,
+        and the check would flag the model for the attack's configuration.
         """
         kw = dict(self.kwargs)
         kw["seed"] = int(seed)
@@ -172,8 +174,10 @@ class AttackSpec:
         if large and not self.single_step:
             if _accepts(self.cls, "random_start"):
                 kw["random_start"] = False
-            if _accepts(self.cls, "steps") and "step_size" not in kw:
+            if _accepts(self.cls, "steps"):
                 kw["steps"] = max(int(kw.get("steps") or 0), LARGE_EPS_STEPS)
+            if self.large_step is not None and _accepts(self.cls, "step_size"):
+                kw["step_size"] = self.large_step
         return self.cls(**kw)
 
     def describe(self, norm: str) -> dict[str, Any]:
@@ -191,8 +195,9 @@ class AttackSpec:
         }
 
 
-LARGE_EPS_STEPS = 50
-"""The fewest steps an iterative attack takes in the unbounded (large-eps) sanity check."""
+LARGE_EPS_STEPS = 100
+"""The fewest steps an iterative attack takes in the unbounded (large-eps) sanity check; with
+steps of a fiftieth of the window it can travel across the window twice."""
 
 
 def _accepts(cls: type, name: str) -> bool:
@@ -637,6 +642,12 @@ def evaluate(
     big = large_budget(clf.bounds, norm_name, numel) if large_eps else None
     if big is not None and any(b.value >= big.value for b in budgets):
         big = None  # the sweep already contains a budget this large
+    if big is not None:
+        dw = display_window(clf, info.metadata, data)
+        span = float(clf.bounds[1] - clf.bounds[0])
+        width = min(span, float(dw[1] - dw[0])) if dw[1] > dw[0] else span
+        for s in specs:
+            s.large_step = big.value * (width / span) / 50.0
     binary = k == 2
     pos = positive_class if positive_class is not None else _meta_positive_class(info.metadata)
     if pos is None:
