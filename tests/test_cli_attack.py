@@ -309,3 +309,21 @@ def test_dicom_series_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     # the folder is not replaced without --overwrite
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_model_that_does_not_match_the_image(models: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(rgb)
+    base = ["attack", "--model", str(models["intensity"]), "--out", str(tmp_path / "a.png"),
+            "--eps", "2/255", "--units", "intensity"]
+    assert main(base + ["--input", str(rgb)]) == 2
+    assert "3 channel(s) but the model takes 1" in capsys.readouterr().err
+    # a PNG holds [0, 1] intensities; an HU model cannot take it
+    base[2] = str(models["hu"])
+    base[base.index("intensity")] = "HU"
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(gray)
+    assert main(base + ["--input", str(gray), "--eps", "5"]) == 2
+    assert "holds intensity values" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.png", "rgb.png"]
