@@ -117,8 +117,9 @@ def write_report(rows: list[dict], threads: int, total: float, done: bool) -> No
     lines.append(
         f"Run {dt.date.today().isoformat()} by `python benchmarks/train_medmnist.py` on "
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores visible, "
-        f"torch {torch.__version__}, {threads} thread(s) per process); wall time of the last "
-        f"process {total / 60:.1f} min{'' if done else ' (INCOMPLETE: still running)'}. "
+        f"torch {torch.__version__}, {threads} thread(s) per process)"
+        + (f"; wall time of this process {total / 60:.1f} min" if total > 0 else "")
+        + f"{'' if done else ' (INCOMPLETE: still running)'}. "
         "Wall time per run is in the table; the machine was shared with other jobs (load "
         "average about 9 on 2 cores), so times on an idle 2-core machine are several times "
         "shorter."
