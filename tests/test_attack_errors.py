@@ -94,7 +94,8 @@ def test_num_classes_mismatch():
 def test_target_equal_to_label(setup):
     model, x, y = setup
     target = torch.tensor([1, 1, 0, 2])  # sample 1: target == label
-    with pytest.raises(ValueError, match=r"target equals the label for 1 sample\(s\) \(indices \[1\]"):
+    msg = r"target equals the label for 1 sample\(s\) \(indices \[1\]"
+    with pytest.raises(ValueError, match=msg):
         PGD(eps=0.1, steps=1)(model, x, y, target=target)
 
 

@@ -41,7 +41,8 @@ def test_fgsm_linf_flips_exactly_at_the_minimal_distance(shape):
     below = FGSM(eps=dist * 0.98)(model, x, y)
     assert above.success.all()
     assert not below.success.any()
-    assert torch.all(above.perturbation_norms["linf"] <= dist * 1.02 + 1e-6)  # float32 rounding of x + delta
+    # 1e-6: float32 rounding of x + delta
+    assert torch.all(above.perturbation_norms["linf"] <= dist * 1.02 + 1e-6)
 
 
 @pytest.mark.parametrize("random_start", [False, True])

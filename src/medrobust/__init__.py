@@ -1,10 +1,27 @@
 """medrobust: adversarial robustness for medical-imaging models."""
 
-from medrobust.evaluation import evaluate
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from medrobust.models import Classifier
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from medrobust.evaluation import evaluate
+
+
+def __getattr__(name: str) -> Any:
+    # The evaluation engine (scipy, matplotlib) is imported on first use, so that
+    # `import medrobust` and the CLI start quickly.
+    if name == "evaluate":
+        from medrobust.evaluation import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'medrobust' has no attribute {name!r}")
+
 
 __all__ = ["AttackResult", "Classifier", "L1", "L2", "Linf", "evaluate", "get_norm", "__version__"]

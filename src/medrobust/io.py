@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrobust._files import apply_umask
 from medrobust.data.errors import DataError
 
 __all__ = [
@@ -540,9 +541,7 @@ def commit_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str],
     """Move the finished folder ``tmp`` to ``final`` (a DICOM series); an existing ``final`` is
     replaced only with ``overwrite`` (moved aside first, deleted once the new one is in place)."""
     t, f = Path(tmp), Path(final)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(t, 0o777 & ~mask)
+    apply_umask(t)
     if f.exists() or f.is_symlink():
         if not overwrite:
             raise FileExistsError(str(f))
@@ -564,9 +563,7 @@ def commit(tmp: str | os.PathLike[str], final: str | os.PathLike[str], overwrite
     """Move the finished file ``tmp`` to ``final``; without ``overwrite`` an existing ``final``
     is never replaced (``FileExistsError``), even if it appeared while we were writing."""
     t, f = Path(tmp), Path(final)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(t, 0o666 & ~mask)  # temporary files are private; the result gets the usual mode
+    apply_umask(t)  # temporary files are private; the result gets the usual mode
     if overwrite:
         os.replace(t, f)
         return

@@ -2,8 +2,8 @@
 
 A :class:`Classifier` wraps any ``torch.nn.Module`` that returns logits. Inputs are given in the
 units of ``bounds`` (``[0, 1]`` pixels, Hounsfield units, ...); optional preprocessing (an intensity
-window, a resize) and per-channel normalization run inside the wrapper, differentiably, so that every
-attack budget is expressed in input units (DESIGN.md, principle 1).
+window, a resize) and per-channel normalization run inside the wrapper, differentiably, so that
+every attack budget is expressed in input units (DESIGN.md, principle 1).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Classifier:
 
     The wrapper never changes the module permanently: :meth:`attack_mode` switches it to eval mode
     for the duration of an attack and restores every submodule's previous mode afterwards. Gradients
-    are taken with ``torch.autograd.grad`` with respect to the input only, so no ``.grad`` appears on
-    parameters and their ``requires_grad`` flags are left as they are.
+    are taken with ``torch.autograd.grad`` with respect to the input only, so no ``.grad`` appears
+    on parameters and their ``requires_grad`` flags are left as they are.
     """
 
     def __init__(
@@ -93,8 +93,8 @@ class Classifier:
             return self._device
         for t in self.module.parameters():
             return t.device
-        for t in self.module.buffers():
-            return t.device
+        for b in self.module.buffers():
+            return b.device
         return torch.device("cpu")
 
     @property
@@ -140,7 +140,9 @@ class Classifier:
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, K)`` for inputs in bounds units, with autograd (no chunking, no mode change)."""
+        """Logits ``(N, K)`` for inputs in bounds units, with autograd.
+
+        No chunking and no mode change: the building block of the other methods."""
         xin = x.to(device=self.device, dtype=self.dtype)
         return self._standardize_logits(self.module(self._normalize(xin)), x.shape[0])
 

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medrobust._files import apply_umask
 from medrobust.models import Classifier
 from medrobust.preprocessing import PreprocessingError, from_config, output_size
 from medrobust.preprocessing import to_config as preprocessing_to_config
@@ -83,16 +84,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise ModelError(f"{target}: directory exists and is not empty (use overwrite)")
 
 
-def _apply_umask(directory: Path) -> None:
-    """Give a ``mkdtemp`` folder (0700) and its files the usual permissions (umask applied)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-    for p in directory.rglob("*"):
-        with contextlib.suppress(OSError):
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block succeeds.
@@ -111,7 +102,7 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) ->
     try:
         yield tmp
         _check_target(tgt, overwrite)
-        _apply_umask(tmp)
+        apply_umask(tmp)
         old: Path | None = None
         if tgt.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.old-", dir=tgt.parent))

@@ -1,4 +1,7 @@
-"""The result every attack returns: the adversarial tensor with its evidence (DESIGN principle 5)."""
+"""The result every attack returns: the adversarial tensor with its evidence.
+
+DESIGN.md, principle 5: never a bare tensor, never a silently failed sample.
+"""
 
 from __future__ import annotations
 

@@ -169,7 +169,9 @@ class Attack(ABC):
     # ------------------------------------------------------------------ API
     @abstractmethod
     def run(self, ctx: AttackContext) -> RunOutput:
-        """Find adversarial inputs for ``ctx.x``; the base class enforces mask, bounds and budget."""
+        """Find adversarial inputs for ``ctx.x``.
+
+        The base class then enforces the mask, the bounds and the budget."""
 
     def config(self) -> dict[str, Any]:
         """The attack's name and hyperparameters (for reports and reproducibility)."""
@@ -230,7 +232,9 @@ class Attack(ABC):
         y = _check_classes(labels, n, "labels")
         t = None if target is None else _check_classes(target, n, "target")
         if t is not None and not self.supports_targeted:
-            raise ValueError(f"{type(self).__name__} is an untargeted attack; call it without target")
+            raise ValueError(
+                f"{type(self).__name__} is an untargeted attack; call it without target"
+            )
         m = _check_mask(mask, inputs)
 
         gen, used_seed = _new_generator(self.seed, self.generator)

@@ -128,7 +128,7 @@ class GradientAttack(FixedBudgetAttack):
         return eps * rel
 
     def run(self, ctx: AttackContext) -> RunOutput:
-        x, norm = ctx.x, self.norm
+        x = ctx.x
         eps = self._budget(ctx.n, x.device).to(x.dtype)
         alpha = self._steps_per_sample(eps)
         best = _Best(x, ctx.num_classes)

@@ -21,7 +21,7 @@ class CLIError(Exception):
 
 
 def _register() -> dict[str, object]:
-    modules = {}
+    modules: dict[str, object] = {}
     for name, path in SUBCOMMANDS.items():
         modules[name] = importlib.import_module(path)
     return modules

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrobust._files import apply_umask
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
 
@@ -369,6 +370,7 @@ def _write_one(ds: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             ds.save_as(f)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -463,6 +465,7 @@ def write_dicom(
             ds = copy.deepcopy(ds0)
             ds.PixelData = _to_stored(ds0, vol[i], slope, intercept).tobytes()
             ds.save_as(tmp_dir / names[i])
+        apply_umask(tmp_dir)
         if not out.exists():
             os.replace(tmp_dir, out)
         else:

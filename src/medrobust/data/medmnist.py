@@ -37,6 +37,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from medrobust._files import apply_umask
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
 
@@ -392,6 +393,7 @@ def download_medmnist(
                 f"downloaded {target.name} from {url} is corrupt: MD5 {got}, expected the "
                 f"official {expected}; the file was discarded"
             )
+        apply_umask(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrobust._files import apply_umask
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
 
@@ -259,6 +260,7 @@ def write_nifti(
     os.close(fd)
     try:
         img.to_filename(tmp)
+        apply_umask(tmp)
         os.replace(tmp, out)
     except DataError:
         raise
