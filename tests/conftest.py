@@ -56,7 +56,17 @@ class TrainedModel:
 def train_small_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int,
                     width: int, seed: int, flips: bool = False,
                     balanced: bool = False) -> torch.nn.Module:
-    net = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float summation order, hence the same model, everywhere
+    try:
+        return _train(x, y, num_classes, epochs=epochs, width=width, seed=seed, flips=flips,
+                      balanced=balanced)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int, width: int,
+           seed: int, flips: bool, balanced: bool) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = smallcnn(in_channels=x.shape[1], num_classes=num_classes, width=width)

@@ -100,6 +100,8 @@ class StAdv(Attack):
     took).
     """
 
+    spatial_ranks = (2, 3)
+
     name = "stadv"
 
     def __init__(
