@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import norm as _normal
-from scipy.stats import rankdata
+
+from medrobust.metrics import medmnist_auc
 
 __all__ = [
     "Proportion",
@@ -100,39 +101,12 @@ def summary_stats(values: np.ndarray) -> dict[str, float | int | None]:
 
 
 # ----------------------------------------------------------------------------------------- AUC
-def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of a binary problem by the Mann-Whitney statistic with average ranks for ties
-    (equal to ``sklearn.metrics.roc_auc_score``); nan when one class is absent."""
-    y = np.asarray(y, dtype=bool)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def auc_medmnist(labels: np.ndarray, probs: np.ndarray, task: str) -> float:
-    """AUC as ``medmnist.evaluator.getAUC`` computes it.
-
-    * binary: the ROC AUC of the last column of ``probs`` (the probability of class 1);
-    * multi-class and ordinal: the mean over classes of the one-vs-rest ROC AUC of each column;
-    * multi-label: the mean over labels.
-
-    ``probs`` are the softmax outputs ``(N, K)``. A class with no positive (or no negative) sample
-    has no AUC; MedMNIST's code would raise there, here it is left out of the mean (nan if none
-    is left).
-    """
-    y = np.asarray(labels)
-    p = np.asarray(probs, dtype=np.float64)
-    if task == "binary":
-        return _binary_auc(y == p.shape[1] - 1, p[:, -1])
-    if task == "multi-label":
-        aucs = [_binary_auc(y[:, i] == 1, p[:, i]) for i in range(p.shape[1])]
-    else:
-        aucs = [_binary_auc(y == i, p[:, i]) for i in range(p.shape[1])]
-    finite = [a for a in aucs if math.isfinite(a)]
-    return float(np.mean(finite)) if finite else float("nan")
+    """AUC as ``medmnist.evaluator.getAUC`` computes it (:func:`medrobust.metrics.medmnist_auc`):
+    binary, the ROC AUC of the class-1 probability; multi-class and ordinal, the mean one-vs-rest
+    AUC; multi-label, the mean over labels. Classes without positives (or negatives) are left out
+    of the mean (nan if none is left)."""
+    return medmnist_auc(labels, probs, task)
 
 
 def bootstrap_auc_ci(
