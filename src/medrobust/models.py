@@ -182,6 +182,8 @@ class Classifier:
             logits_parts.append(logits.detach())
             loss_parts.append(loss.detach())
             grad_parts.append(grad.detach())
+        if len(grad_parts) == 1:  # one chunk: no copies
+            return logits_parts[0], loss_parts[0], grad_parts[0]
         return torch.cat(logits_parts), torch.cat(loss_parts), torch.cat(grad_parts)
 
     # ------------------------------------------------------------ attack mode

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from medrobust.attacks.base import AttackContext, FixedBudgetAttack, RunOutput
-from medrobust.norms import L1, Norm, batch_view, get_norm
+from medrobust.norms import L1, Linf, Norm, batch_view, get_norm
 
 
 class _Best:
@@ -158,6 +158,11 @@ class GradientAttack(FixedBudgetAttack):
         else:
             xa = x.clone()
         g = torch.zeros_like(x) if self.momentum > 0 else None
+        # L-inf: the eps-ball and the bounds together are a per-element box, computed once
+        box = None
+        if isinstance(norm, Linf):
+            e = batch_view(eps, x)
+            box = ((x - e).clamp_min(bounds[0]), (x + e).clamp_max(bounds[1]))
         for _ in range(self.steps):
             logits, loss, grad = ctx.value_and_grad(xa, index)
             success = ctx.is_adversarial(logits, index)
@@ -171,6 +176,7 @@ class GradientAttack(FixedBudgetAttack):
                 )
                 mask = None if mask is None else mask[keep]
                 g = None if g is None else g[keep]
+                box = None if box is None else (box[0][keep], box[1][keep])
             if mask is not None:
                 grad = grad * mask
             if g is not None:
@@ -181,7 +187,10 @@ class GradientAttack(FixedBudgetAttack):
             if mask is not None:
                 step = step * mask
             xa = xa + batch_view(alpha, xa) * step
-            xa = ctx.clip(x + norm.project(xa - x, eps))
+            if box is not None:
+                xa = torch.minimum(torch.maximum(xa, box[0]), box[1])
+            else:
+                xa = ctx.clip(x + norm.project(xa - x, eps))
         logits = ctx.logits(xa)
         loss = ctx.criterion.loss(logits, index)
         best.update(index, xa, logits, loss, ctx.is_adversarial(logits, index))
