@@ -22,38 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from _common import REPO, fit, load_pneumonia  # noqa: E402  (benchmarks/ is on sys.path)
 
 import medrobust as mr
 from medrobust.attacks import EAD, CarliniWagnerL2, DeepFool
 from medrobust.nets import smallcnn
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
-
-
-def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with np.load(DATA) as f:
-        x = torch.from_numpy(f[f"{split}_images"]).float().div(255).unsqueeze(1)
-        y = torch.from_numpy(f[f"{split}_labels"][:, 0].astype(np.int64))
-    return x, y
-
 
 def train() -> torch.nn.Module:
-    x, y = load("train")
-    torch.manual_seed(0)
-    net = smallcnn(1, 2, width=8)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    net.train()
-    for _epoch in range(2):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(net(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    x, y = load_pneumonia("train")
+    return fit(lambda: smallcnn(in_channels=1, num_classes=2, width=8), x, y, epochs=2, lr=2e-3)
 
 
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,7 +123,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     net = train()
-    xt, yt = load("test")
+    xt, yt = load_pneumonia("test")
     idx = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))[: args.n]
     x, y = xt[idx].contiguous(), yt[idx].contiguous()
     with torch.no_grad():

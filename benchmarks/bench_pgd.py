@@ -25,45 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import PNEUMONIA, REPO, fit, load_pneumonia  # noqa: E402  (benchmarks/ is on sys.path)
 
 import medrobust as mr
 from medrobust.attacks import PGD
 from medrobust.nets import build_network
 
 EPS, STEP, STEPS = 0.1, 0.01, 20
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDROBUST_DATA", REPO.parent / "shared" / "data"))
-
-
-def load_pneumonia(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    path = DATA / "pneumoniamnist.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as f:
-        x = torch.from_numpy(f[f"{split}_images"][:n]).float().div(255).unsqueeze(1)
-        y = torch.from_numpy(f[f"{split}_labels"][:n, 0].astype(np.int64))
-    return x, y
+def load_or_none(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return load_pneumonia(split, n) if PNEUMONIA.is_file() else None
 
 
 def train_briefly(net: torch.nn.Module, n: int, epochs: int) -> str:
-    data = load_pneumonia("train", n)
+    data = load_or_none("train", n)
     if data is None:
         return "untrained (PneumoniaMNIST not found)"
-    x, y = data
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        net.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(x))
-            for i in range(0, len(x), 64):
-                b = perm[i:i + 64]
-                loss = F.cross_entropy(net(x[b]), y[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    net.eval()
-    return f"trained {epochs} epoch(s) on {len(x)} PneumoniaMNIST images"
+    fit(lambda: net, *data, epochs=epochs, lr=1e-3)
+    return f"trained {epochs} epoch(s) on {len(data[0])} PneumoniaMNIST images"
 
 
 def plain_pgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator
@@ -123,7 +101,7 @@ def peers(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def bench(name: str, net: torch.nn.Module, batch: int, reps: int, note: str) -> list[str]:
-    data = load_pneumonia("test", batch)
+    data = load_or_none("test", batch)
     if data is None:
         g = torch.Generator().manual_seed(0)
         x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 2, (batch,), generator=g)
