@@ -337,8 +337,14 @@ the share the attack made wrong. Perturbation statistics over the successful adv
 
 def _provenance(doc: dict[str, Any]) -> str:
     m, d, c = doc["model"], doc["data"], doc["config"]
+    def _cfg(cfg: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+
     attacks = "; ".join(
-        f"{a['name']} ({', '.join(f'{k}={v}' for k, v in a['config'].items() if k != 'name')})"
+        f"{a['name']} ({_cfg(a['config'])})" if "config" in a else
+        f"{a['name']} [" + "; ".join(f"{x['label']}: {x['attack']} ({_cfg(x['config'])})"
+                                      + (f", top-{x['targets']} targets" if x["targets"] else "")
+                                      for x in a.get("components", [])) + "]"
         for a in c["attacks"]
     )
     rows = [

@@ -35,7 +35,12 @@ import torch
 from medrobust.attacks import ATTACKS, Attack, FixedBudgetAttack
 from medrobust.evaluation.budgets import Budget
 from medrobust.evaluation.errors import EvaluationError
-from medrobust.evaluation.families.base import UnitJob, UnitOutput, register_family
+from medrobust.evaluation.families.base import (
+    UnitJob,
+    UnitOutput,
+    register_family,
+    whole_range_budget,
+)
 from medrobust.evaluation.families.single import STATS, FixedBudgetFamily, empty_record
 from medrobust.evaluation.metrics import Proportion, psnr, ssim
 from medrobust.evaluation.specs import AttackSpec, build_attack
@@ -285,6 +290,16 @@ def build_ensemble_spec(
     return spec
 
 
+def _large_eps_component(spec: EnsembleSpec) -> int:
+    """The component the unbounded sanity check runs: the first iterative gradient attack."""
+    for i, c in enumerate(spec.components):
+        if c.gradient_free or c.minimization:
+            continue
+        if int(getattr(c.build(1.0, "linf", 0), "steps", 2) or 2) > 1:
+            return i
+    return 0
+
+
 class EnsembleFamily(FixedBudgetFamily):
     """Runs an :class:`EnsembleSpec` in sequence; one unit per budget."""
 
@@ -312,8 +327,10 @@ class EnsembleFamily(FixedBudgetFamily):
         fwd, bwd, seen, secs = (np.zeros(a) for _ in range(4))
         measure = get_norm(job.norm).measure
         eps = job.eps
-        comps = spec.components[:1] if job.large else spec.components
-        for i, c in enumerate(comps):
+        check = _large_eps_component(spec) if job.large else None
+        for i, c in enumerate(spec.components):
+            if check is not None and i != check:
+                continue  # the unbounded sanity check runs one gradient component
             t0 = time.perf_counter()
             ranks: list[int | None] = [None] if c.targets == 0 else list(range(1, c.targets + 1))
             for r in ranks:
@@ -324,7 +341,8 @@ class EnsembleFamily(FixedBudgetFamily):
                 tgt = None if r is None else order[active, r]
                 atk = c.build(eps, job.norm, unit_seed(job.seed, c.label, str(r), i),
                               large=job.large, large_step=spec.large_step)
-                res = atk(job.clf, xs, ys, target=tgt)
+                with whole_range_budget(job.large):
+                    res = atk(job.clf, xs, ys, target=tgt)
                 fwd[i] += res.forward_passes
                 bwd[i] += res.backward_passes
                 ok = res.predictions != ys
