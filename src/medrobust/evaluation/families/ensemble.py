@@ -142,7 +142,10 @@ def register_preset(name: str, preset: Preset) -> None:
 
 
 def is_preset(name: str) -> bool:
-    return _norm_key(name) in PRESETS
+    """A preset's name, or a preset's name with ``-fast`` (reduced steps and queries: each
+    component's ``fast_config()``, for tests and quick looks — not for numbers to quote)."""
+    key = _norm_key(name)
+    return key in PRESETS or (key.endswith("fast") and key[:-4] in PRESETS)
 
 
 @dataclass
@@ -156,10 +159,16 @@ class Component:
     targets: int
     minimization: bool
     gradient_free: bool
+    loops_targets: bool = False
+    """The attack loops over the top classes itself (``n_target_classes``, as APGD-T and FAB-T
+    do): it is called untargeted, once."""
 
     def build(self, eps: float | None, norm: str, seed: int, large: bool = False,
               large_step: float | None = None) -> Attack:
-        return build_attack(self.cls, self.kwargs, eps, norm, seed, self.minimization, False,
+        kw = dict(self.kwargs)
+        if self.minimization and eps is not None and eps > 0 and accepts(self.cls, "eps"):
+            kw["eps"] = float(eps)  # FAB with a budget: stop a sample once broken within it
+        return build_attack(self.cls, kw, eps, norm, seed, self.minimization, False,
                             large_step, large)
 
 
@@ -230,6 +239,9 @@ def build_ensemble_spec(
     """
     key = _norm_key(name)
     table = {**PRESETS, **_FALLBACK_PRESETS}
+    fast = key.endswith("fast") and key[:-4] in table
+    if fast:
+        key = key[:-4]
     if key not in table:
         raise EvaluationError(f"unknown ensemble {name!r}; available: {', '.join(PRESETS)}")
     defs = table[key](norm, num_classes)
@@ -251,29 +263,37 @@ def build_ensemble_spec(
         for k, v in (common or {}).items():
             if v is not None and accepts(cls, k):
                 kw[k] = v
+        loops = bool(d.targets) and accepts(cls, "n_target_classes")
+        if loops:
+            kw["n_target_classes"] = max(1, min(d.targets, num_classes - 1))
         for k, v in d.kwargs.items():
-            if k == "loss":
+            if k == "loss" and accepts(cls, k):
                 v = _resolve_loss(str(v), num_classes, notes, d.label)
             if accepts(cls, k):
                 kw[k] = v
+            elif k == "eot" and accepts(cls, "eot_iter"):
+                kw["eot_iter"] = v
             elif k == "eot":
                 notes.append(f"{d.label}: {cls.__name__} takes no EOT argument; run without "
                              f"Expectation over Transformation (eot={v} asked) — a randomized "
                              "model is then attacked with single draws")
-            elif k in ("queries", "restarts"):
+            elif k in ("queries", "restarts") and not (fast and k == "queries"):
                 alias = {"queries": ("n_queries", "max_queries", "queries"),
                          "restarts": ("restarts", "n_restarts")}[k]
                 for a in alias:
                     if accepts(cls, a):
                         kw[a] = v
                         break
+        if fast and hasattr(cls, "fast_config"):
+            kw.update(cls.fast_config())
         kw.update(overrides.get(_norm_key(d.attack), {}))
         kw.update(overrides.get(_norm_key(d.label), {}))
         bad = [k for k in kw if k in ("eps", "norm", "seed", "generator")]
         if bad:
             raise EvaluationError(f"{d.label}: {', '.join(bad)} are set by the evaluation")
-        c = Component(d.label, d.attack, cls, kw, max(0, min(d.targets, num_classes - 1)),
-                      minimization, _is_gradient_free(cls, d.attack))
+        targets = int(kw["n_target_classes"]) if loops else d.targets
+        c = Component(d.label, d.attack, cls, kw, max(0, min(targets, num_classes - 1)),
+                      minimization, _is_gradient_free(cls, d.attack), loops_targets=loops)
         try:
             c.build(None if minimization else 0.0, norm, 0)
         except (TypeError, ValueError) as err:
@@ -282,6 +302,8 @@ def build_ensemble_spec(
         comps.append(c)
     ident = [{"label": c.label, "attack": c.attack, "kwargs": jsonable(c.kwargs),
               "targets": c.targets} for c in comps]
+    if fast:
+        ident.append({"fast": True})
     spec = EnsembleSpec(
         name=name.strip().lower(), cls=None, kwargs={}, key=f"{key}:{sha256_json(ident)[:12]}",
         minimization=False, single_step=False, kind="ensemble", components=comps,
@@ -331,8 +353,11 @@ class EnsembleFamily(FixedBudgetFamily):
         for i, c in enumerate(spec.components):
             if check is not None and i != check:
                 continue  # the unbounded sanity check runs one gradient component
+            if eps is not None and eps == 0:
+                break  # a zero budget changes nothing: every correct sample stays robust
             t0 = time.perf_counter()
-            ranks: list[int | None] = [None] if c.targets == 0 else list(range(1, c.targets + 1))
+            ranks: list[int | None] = ([None] if c.targets == 0 or c.loops_targets
+                                       else list(range(1, c.targets + 1)))
             for r in ranks:
                 if active.numel() == 0:
                     break
