@@ -169,8 +169,9 @@ def evaluate(
     info = resolve_model(model, device)
     clf = info.classifier
     k = check_model_data(info, data)
+    multilabel = data.task == "multi-label"
     specs = build_attack_specs(attacks, norm_name, attack_kwargs, {"steps": steps},
-                               num_classes=k)
+                               num_classes=k, multilabel=multilabel)
     budgets = default_budgets(clf.bounds, norm_name) if eps is None else parse_budgets(eps)
     numel = int(data.images[0].numel())
     big = large_budget(clf.bounds, norm_name, numel) if large_eps else None
@@ -182,10 +183,10 @@ def evaluate(
         width = min(span, float(dw[1] - dw[0])) if dw[1] > dw[0] else span
         for s in specs:
             s.large_step = big.value * (width / span) / 50.0
-    binary = k == 2
+    binary = k == 2 and not multilabel
     pos = positive_class if positive_class is not None else meta_positive_class(info.metadata)
     pos = 1 if pos is None else pos
-    if not (0 <= int(pos) < k):
+    if not (0 <= int(pos) < k) and not multilabel:
         raise EvaluationError(f"positive_class {pos} is not a class of this {k}-class model")
     pos = int(pos)
     if direction is not None and not binary:
@@ -290,11 +291,21 @@ def _compute(
         collected = run_plan(clf, data, labels, plan, store, settings)
         agg = dict(labels=labels.numpy(), k=k, task=data.task, budgets=budgets,
                    direction=direction, positive_class=pos, seed=seed)
-        results = aggregate(collected=collected, specs=specs, big=big, **agg)  # type: ignore
+        if data.task == "multi-label":
+            from medrobust.evaluation.families.multilabel import aggregate_multilabel
+
+            results = aggregate_multilabel(
+                collected=collected, labels=labels.numpy(), specs=specs, budgets=budgets,
+                big=big, seed=seed, names=list(data.class_names))
+        else:
+            results = aggregate(collected=collected, specs=specs, big=big, **agg)  # type: ignore
         notes = [n for s in specs for n in s.notes]
         rand_aware = any(s.name == "standard-rand" for s in specs)
         probes = model_checks(clf, data.images[:PROBE], rand_aware)
-        pre = preflight_checks(collected[f"{CLEAN_UNIT}|"]["pred"], k, notes, probes)
+        cpred = collected[f"{CLEAN_UNIT}|"]["pred"]
+        if cpred.ndim == 2:  # multi-label: one code per distinct report
+            cpred = np.unique(cpred, axis=0, return_inverse=True)[1].reshape(-1)
+        pre = preflight_checks(cpred, max(k, int(cpred.max()) + 1), notes, probes)
         sanity = run_checks(results)
         sanity["checks"] = pre + sanity["checks"]
         sanity["preflight"] = [c["id"] for c in pre]
@@ -306,7 +317,7 @@ def _compute(
         sanity["gradient_masking_suspected"] = bool(masking)
         results["sanity"] = sanity
         computed, reused = collected.computed, collected.reused
-        if masking and not _has_masking_resistant(results):
+        if masking and not _has_masking_resistant(results) and data.task != "multi-label":
             fb = build_ensemble_spec(FALLBACK, settings.norm, k, attack_kwargs, {"steps": steps})
             fplan = make_plan([fb], budgets, None, len(data), batch_size, clean=False)
             more = run_plan(clf, data, labels, fplan, store, settings,
@@ -324,10 +335,13 @@ def _compute(
             }
             results["timing"][fb.name] = both["timing"][fb.name]
         results["headline"] = headline(results)
-        gal, gal_json = build_gallery(
-            clf, data, labels, specs, budgets, results, collected, settings, batch_size, gallery,
-            display_window(clf, info.metadata, data),
-        )
+        gal: list[dict[str, Any]] = []
+        gal_json: list[dict[str, Any]] = []
+        if data.task != "multi-label":
+            gal, gal_json = build_gallery(
+                clf, data, labels, specs, budgets, results, collected, settings, batch_size,
+                gallery, display_window(clf, info.metadata, data),
+            )
     finally:
         store.close()
     return results, gal, gal_json, {"computed": computed, "reused": reused, "run_id": run_id}
@@ -387,7 +401,8 @@ def _document(
             "units": data.units,
             "bounds": list(data.bounds),
             "class_names": list(data.class_names) or [str(i) for i in range(k)],
-            "class_counts": np.bincount(labels, minlength=k).tolist(),
+            "class_counts": (labels.sum(0) if labels.ndim == 2
+                             else np.bincount(labels, minlength=k)).tolist(),
         },
         **results,
         "gallery": gal_json,

@@ -275,12 +275,14 @@ def _sanity(doc: dict[str, Any]) -> str:
 
 
 def _numbers(doc: dict[str, Any]) -> str:
-    binary = doc["model"]["num_classes"] == 2
+    binary = "sensitivity" in doc["worst_case"][0] if doc["worst_case"] else False
+    ordinal = any("grade_shift" in e for a in doc["attacks"].values() for e in a["per_eps"])
     head = ("<th>attack</th><th>eps</th><th>robust acc.</th><th>raw acc.</th>"
             "<th>success rate</th>"
             + ("<th>sensitivity</th><th>specificity</th>" if binary else "")
             + "<th>median L&infin;</th><th>median L2</th><th>median PSNR (dB)</th>"
-              "<th>median SSIM</th>")
+              "<th>median SSIM</th>"
+            + ("<th>mean grade shift</th>" if ordinal else ""))
     rows = []
 
     def row(name: str, e: dict[str, Any]) -> str:
@@ -295,7 +297,10 @@ def _numbers(doc: dict[str, Any]) -> str:
                if binary else "")
             + f'<td>{_stat(p["linf"], "median")}</td><td>{_stat(p["l2"], "median")}</td>'
             f'<td>{_stat(p["psnr"], "median", "{:.1f}")}</td>'
-            f'<td>{_stat(p["ssim"], "median", "{:.3f}")}</td></tr>'
+            f'<td>{_stat(p["ssim"], "median", "{:.3f}")}</td>'
+            + (f'<td class="grade-shift">{_stat(e.get("grade_shift") or {}, "mean", "{:.3f}")}'
+               "</td>" if ordinal else "")
+            + "</tr>"
         )
 
     for name, a in doc["attacks"].items():
@@ -310,7 +315,10 @@ def _numbers(doc: dict[str, Any]) -> str:
             + "<td></td>" + _prop_cell(w["success_on_correct"], "success")
             + ((_prop_cell(w["sensitivity"], "sens") + _prop_cell(w["specificity"], "spec"))
                if binary else "")
-            + "<td></td><td></td><td></td><td></td></tr>"
+            + "<td></td><td></td><td></td><td></td>"
+            + (f'<td class="grade-shift">{_stat(w.get("grade_shift") or {}, "mean", "{:.3f}")}'
+               "</td>" if ordinal else "")
+            + "</tr>"
         )
     names = doc["model"]["class_names"]
     chead = "".join(f"<th>{_e(n)}</th>" for n in names)

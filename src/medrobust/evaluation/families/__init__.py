@@ -5,6 +5,7 @@ here.
 """
 
 from medrobust.evaluation.families import ensemble as _ensemble  # noqa: F401
+from medrobust.evaluation.families import multilabel as _multilabel  # noqa: F401
 from medrobust.evaluation.families import single as _single  # noqa: F401
 from medrobust.evaluation.families.base import (
     FAMILIES,
