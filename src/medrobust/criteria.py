@@ -102,7 +102,7 @@ class Criterion:
         """What the criterion had to change (e.g. the DLR loss on a binary task), for reports."""
 
     def _dlr_fallback(self, num_classes: int) -> bool:
-        """True when a DLR loss must fall back to the margin loss; warns once per bound criterion."""
+        """True when a DLR loss must fall back to the margin loss (warns once per criterion)."""
         if num_classes >= 3:
             return False
         note = dlr_fallback_note(num_classes)

@@ -136,6 +136,7 @@ class APGD(FixedBudgetAttack):
     name = "apgd"
     requires_gradients = True
     requires_scores = True
+    supports_multilabel = True  # the loop uses only the criterion's loss and success test
     supports_dense = False
 
     def __init__(
@@ -382,6 +383,7 @@ class APGDT(APGD):
     """
 
     name = "apgd-t"
+    supports_multilabel = False  # targets are ranked classes
 
     def __init__(
         self,

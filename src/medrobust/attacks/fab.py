@@ -39,7 +39,7 @@ from medrobust.attacks.deepfool import _candidate_gradients
 from medrobust.norms import Norm, batch_view, flat
 
 _TINY = 1e-12
-_TIE_RTOL = 1e-4  # the base class's decision-tie tolerance, relative to the logits' scale
+_TIE_RTOL = 1e-4  # the models' decision-tie tolerance (Model.near_tie), relative to the scale
 # the reference code's default restart radii on [0, 1] inputs, scaled by the bounds' span
 _DEFAULT_RADIUS = {"linf": 0.3, "l2": 1.0, "l1": 5.0}
 
@@ -129,13 +129,6 @@ def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "l2":
         return f.norm(dim=1)
     return f.abs().sum(1)
-
-
-def _clear_margin(logits: torch.Tensor, rtol: float = _TIE_RTOL) -> torch.Tensor:
-    """Rows whose two largest logits differ by more than ``rtol`` times the logits' scale (the
-    decision is not a float tie)."""
-    top2 = logits.topk(2, dim=1).values
-    return (top2[:, 0] - top2[:, 1]) > rtol * (1.0 + logits.abs().amax(1))
 
 
 class FAB(MinimumNormAttack):
@@ -364,7 +357,7 @@ class FAB(MinimumNormAttack):
             a3 = a1 + (a2 - a1) * batch_view(t, a1)
             z3 = ctx.logits(a3)
             adv3 = ctx.is_adversarial(z3, index)
-            good = adv3 & _clear_margin(z3)
+            good = adv3 & ~ctx.model.near_tie(z3, _TIE_RTOL)
             clean = ~adv3
             a2 = torch.where(batch_view(good, a1), a3, a2)
             z2 = torch.where(good.unsqueeze(1), z3, z2)

@@ -98,6 +98,7 @@ class Square(FixedBudgetAttack):
     name = "square"
     requires_gradients = False
     requires_scores = True
+    supports_multilabel = True  # the search uses only the criterion's loss and success test
     supports_dense = False
     supported_norms = ("linf", "l2")
 
