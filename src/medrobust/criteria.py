@@ -173,7 +173,11 @@ class Misclassification(Criterion):
 class TargetedMisclassification(Criterion):
     """Targeted: the prediction must be the target class. The CE loss is ``-CE(z, t)``; the margin
     loss ``z_t - max_{j != t} z_j``; ``"dlr"`` and ``"dlr-targeted"`` both mean the targeted DLR
-    loss (Croce & Hein 2020)."""
+    loss of Croce & Hein (2020) with the strongest non-target class in place of the label,
+    ``-(max_{j != t} z_j - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``: identical while the label leads
+    (as at the start of an attack on a correctly classified input), and, unlike the paper's version
+    (made for AutoAttack, where any misclassification counts), still aiming at the target once
+    another class has overtaken the label."""
 
     targeted = True
     target: torch.Tensor
@@ -197,7 +201,11 @@ class TargetedMisclassification(Criterion):
         if self.loss_name == "ce":
             return -F.cross_entropy(logits, t, reduction="none")
         if self.loss_name in ("dlr", "dlr-targeted") and not self._dlr_fallback(logits.shape[1]):
-            return dlr_targeted_loss(logits, self.labels[index], t)
+            # the strongest class but the target in place of the label: the same loss while the
+            # label leads (the start of an attack), and afterwards it still pushes the target over
+            # every class, as reaching the target requires
+            other = logits.detach().scatter(1, t.unsqueeze(1), float("-inf")).argmax(1)
+            return dlr_targeted_loss(logits, other, t)
         return _margin(logits, t)
 
     def margin(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

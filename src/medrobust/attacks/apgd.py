@@ -86,6 +86,26 @@ def project_l1_box(v: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, lo: floa
     return out.view_as(v).to(dtype)
 
 
+def checkpoints(steps: int, norm: str = "linf") -> list[int]:
+    """The iterations (1-based counts of steps done) after which APGD checks its step size.
+
+    L-inf / L2 (Croce & Hein 2020): ``w_j = p_j N`` with ``p_1 = 0.22`` and
+    ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, the lengths rounded down as in the
+    reference code (``0.22 N``, then ``-0.03 N`` each time, at least ``0.06 N``; at least one step).
+    L1 (Croce & Hein 2021): every ``0.04 N`` steps."""
+    if norm == "l1":
+        k = max(int(0.04 * steps), 1)
+        return list(range(k, steps + 1, k))
+    k, size_decr, k_min = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(
+        int(0.06 * steps), 1)
+    out, w = [], 0
+    while w + k <= steps:
+        w += k
+        out.append(w)
+        k = max(k - size_decr, k_min)
+    return out
+
+
 class _State:
     """Per-sample tensors of one APGD run, filtered together when samples leave the loop."""
 
@@ -282,10 +302,8 @@ class APGD(FixedBudgetAttack):
         if self.early_stop and record and success.any():
             out[st.rows[success]] = xa[success]
             st.keep(~success)
-        # checkpoints: the first after 0.22 N steps, then shrinking by 0.03 N to at least 0.06 N
-        k = max(int(0.22 * steps), 1) if norm != "l1" else max(int(0.04 * steps), 1)
-        size_decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
-        counter = 0
+        marks = checkpoints(steps, norm)
+        last = 0  # the previous checkpoint
         for i in range(steps):
             if st.rows.numel() == 0:
                 break
@@ -301,14 +319,12 @@ class APGD(FixedBudgetAttack):
             n_incr = st.n_incr + (loss > st.prev_loss).to(loss.dtype)
             st.set(xa_old=st.xa, xa=xa_new, grad=grad, x_best=x_best, grad_best=grad_best,
                    loss_best=loss_best, n_incr=n_incr, prev_loss=loss)
-            counter += 1
-            if counter == k:
+            if i + 1 in marks:
                 if norm == "l1":
                     self._checkpoint_l1(st, alpha, n_fts)
                 else:
-                    self._checkpoint(st, k)
-                    k = max(k - size_decr, k_min)
-                counter = 0
+                    self._checkpoint(st, i + 1 - last)
+                last = i + 1
                 st.n_incr.zero_()
             if self.early_stop and record and success.any():
                 out[st.rows[success]] = xa_new[success]
@@ -456,4 +472,4 @@ def _check_int(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a positive integer; got {v!r}")
 
 
-__all__ = ["APGD", "APGDT", "project_l1_box"]
+__all__ = ["APGD", "APGDT", "checkpoints", "project_l1_box"]
