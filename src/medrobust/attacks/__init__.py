@@ -17,7 +17,7 @@ from medrobust.attacks.base import (
     RunOutput,
 )
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
-from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
 
@@ -32,6 +32,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "cw": CarliniWagnerL2,
     "ead": EAD,
     "lbfgs": LBFGS,
+    "ddn": DDN,
+    "fmn": FMN,
+    "alma": ALMA,
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
@@ -52,14 +55,17 @@ def get_attack(name: str, **kwargs: Any) -> Attack:
 
 
 __all__ = [
+    "ALMA",
     "ATTACKS",
     "Attack",
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "DDN",
     "DeepFool",
     "EAD",
     "FGSM",
+    "FMN",
     "FixedBudgetAttack",
     "GradientAttack",
     "LBFGS",
