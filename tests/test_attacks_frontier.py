@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from test_attacks_minimal import affine_problem
+from test_attacks_minimal import test_invariants as check_invariants
 from torch import nn
 
 import medrobust as mr
@@ -239,6 +240,18 @@ def test_same_result_in_hounsfield_units_as_on_unit_bounds(make: Any, pneumonia_
     dhu = rhu.perturbation_norms[key].double() / (1.0 if key == "l0" else span)
     ok = r01.success
     assert torch.allclose(dhu[ok], d01[ok], rtol=1e-2, atol=1e-6), (repr(atk), dhu, d01)
+
+
+# ------------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("make", [
+    lambda: DDN(steps=10, levels=256), lambda: FMN("l0", steps=10), lambda: FMN("l1", steps=10),
+    lambda: FMN("linf", steps=10), lambda: ALMA("l1", steps=10),
+])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_invariants_of_the_other_norms(make: Any, rank: int) -> None:
+    """Bounds (HU for 3D), mask, targets, inputs and model untouched, same result twice, failed
+    samples returned clean (the registry-wide test covers the default L2 settings)."""
+    check_invariants(make, rank)
 
 
 # ------------------------------------------------------------------------------- interface
