@@ -291,6 +291,8 @@ def build_ensemble_spec(
         bad = [k for k in kw if k in ("eps", "norm", "seed", "generator")]
         if bad:
             raise EvaluationError(f"{d.label}: {', '.join(bad)} are set by the evaluation")
+        if loops:  # never more targets than other classes
+            kw["n_target_classes"] = max(1, min(int(kw["n_target_classes"]), num_classes - 1))
         targets = int(kw["n_target_classes"]) if loops else d.targets
         c = Component(d.label, d.attack, cls, kw, max(0, min(targets, num_classes - 1)),
                       minimization, _is_gradient_free(cls, d.attack), loops_targets=loops)
