@@ -116,3 +116,36 @@ def test_ordinal_grade_shift() -> None:
     assert per[-1]["grade_shift"]["mean"] == pytest.approx(want)
     assert doc["worst_case"][-1]["grade_shift"]["mean"] == pytest.approx(want)
     assert np.isclose(per[-1]["grade_error"]["mean"], want)
+
+
+def test_robust_auc_of_a_linear_model_by_hand() -> None:
+    """Every sample pushed against its class by the full budget: on the linear model the
+    attacked logit is ``z -+ eps ||w||_1``; the robust AUC is the AUC of those scores."""
+    from evaluation_helpers import linear_data, linear_model, weights
+
+    from medrobust.metrics import medmnist_auc
+
+    data = linear_data()
+    res = mr.evaluate(linear_model(), data, ["fgsm"], eps="0,0.01,0.03", batch_size=16,
+                      progress=False, gallery=0, robust_auc=True, steps=10)
+    block = res.results["robust_auc"]
+    w, b = weights()
+    z = data.images.flatten(1).double() @ w.double() + b
+    y = data.labels
+    vals = []
+    for e in block["per_eps"]:
+        za = torch.where(y == 1, z - e["eps"] * w.double().abs().sum(),
+                         z + e["eps"] * w.double().abs().sum())
+        p = torch.sigmoid(za).numpy()
+        want = medmnist_auc(y.numpy(), np.stack([1 - p, p], 1), "binary")
+        assert e["value"] == pytest.approx(want, abs=1e-9)
+        assert e["ci_low"] <= e["value"] <= e["ci_high"]
+        vals.append(e["value"])
+    assert vals[0] == pytest.approx(res.results["clean"]["auc"]["value"])
+    assert vals == sorted(vals, reverse=True) and vals[-1] < vals[0]
+    with pytest.raises(mr.evaluation.EvaluationError, match="binary"):  # type: ignore[attr-defined]
+        three = ImageData(data.images, data.labels, (0.0, 1.0), "intensity", "multi-class",
+                          ["a", "b", "c"])
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        mr.evaluate(mr.Classifier(net, num_classes=3), three, ["fgsm"], eps="0", progress=False,
+                    robust_auc=True)

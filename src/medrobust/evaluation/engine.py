@@ -111,6 +111,7 @@ def evaluate(
     gallery: int = 6,
     steps: int | None = None,
     device: str | torch.device | None = None,
+    robust_auc: bool | None = None,
 ) -> EvaluationResult:
     """Evaluate a classifier's adversarial robustness on a data set.
 
@@ -149,6 +150,9 @@ def evaluate(
         gallery: the number of gallery examples in the report.
         steps: the number of steps of every iterative attack that takes ``steps``.
         device: where to load a model folder.
+        robust_auc: binary tasks: also measure the AUC under attack (every sample attacked
+            towards the other class; :mod:`medrobust.evaluation.families.robust_auc`). Default:
+            with an ensemble (``standard``) on a binary task.
 
     Returns:
         An :class:`EvaluationResult`.
@@ -225,6 +229,14 @@ def evaluate(
                            positive_class=pos, progress=progress, resume=resume,
                            model_name=_model_name(info))
     run_id = uuid.uuid4().hex
+    if robust_auc is None:
+        robust_auc = binary and any(s.kind == "ensemble" for s in specs)
+    if robust_auc and not binary:
+        raise EvaluationError(f"robust_auc needs a binary task; this model has {k} classes")
+    if robust_auc:
+        run_config["robust_auc"] = True
+        run_hash = sha256_json(run_config)[:32]
+    settings.robust_auc = bool(robust_auc)
 
     out_dir = None if out is None else Path(out).expanduser()
     if out_dir is None:
@@ -334,6 +346,20 @@ def _compute(
                 "worst_case": both["worst_case"],
             }
             results["timing"][fb.name] = both["timing"][fb.name]
+        if settings.robust_auc:
+            from medrobust.evaluation.families.robust_auc import (
+                robust_auc_spec,
+                summarize_robust_auc,
+            )
+
+            rs = robust_auc_spec(steps)
+            rplan = make_plan([rs], budgets, None, len(data), batch_size, clean=False)
+            more = run_plan(clf, data, labels, rplan, store, settings,
+                            clean_all=collected[f"{CLEAN_UNIT}|"])
+            computed += more.computed
+            reused += more.reused
+            results["robust_auc"] = summarize_robust_auc(rs, more, labels.numpy(), budgets,
+                                                         seed)
         results["headline"] = headline(results)
         gal: list[dict[str, Any]] = []
         gal_json: list[dict[str, Any]] = []

@@ -196,7 +196,27 @@ def _summary(doc: dict[str, Any]) -> str:
 The worst case counts a sample as robust only if every attack failed on it: it is the number to
 quote{', unless a check failed (then see the column "quote")' if unreliable else ''}.</p>
 {_min_norm_lines(doc)}
+{_robust_auc(doc)}
 </section>"""
+
+
+def _auc_text(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def _robust_auc(doc: dict[str, Any]) -> str:
+    block = doc.get("robust_auc")
+    if not block:
+        return ""
+    items = "".join(
+        f'<li class="robust-auc" data-eps="{_num(e["eps"])}" data-value="{_num(e["value"])}">'
+        f'eps {_e(e["eps_label"])}: <strong>{_auc_text(e["value"])}'
+        f"</strong>"
+        + (f' <span class="ci">[{e["ci_low"]:.3f}, {e["ci_high"]:.3f}]</span>'
+           if e.get("ci_low") is not None else "") + "</li>"
+        for e in block["per_eps"])
+    return (f'<p id="robust-auc-head">AUC under attack ({_e(block["method"])}):</p>'
+            f'<ul id="robust-auc">{items}</ul>')
 
 
 def _min_norm_lines(doc: dict[str, Any]) -> str:

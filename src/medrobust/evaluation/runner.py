@@ -47,6 +47,7 @@ class RunSettings:
     progress: bool = False
     resume: bool = True
     model_name: str = "the model"
+    robust_auc: bool = False
 
 
 @dataclass
