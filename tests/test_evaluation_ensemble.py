@@ -205,7 +205,7 @@ def test_a_failed_check_runs_the_fallback_and_the_card_shows_both(tmp_path: Path
     fallback (margin-loss attack, and Square when registered) and the summary card shows the
     inflated figure marked unreliable next to it."""
     res = _run(linear_model(masked=True), linear_data(), ["fgsm", "pgd"], out=tmp_path,
-               attack_kwargs={"pgd": {"steps": 10}})
+               attack_kwargs={"pgd": {"steps": 10}, "square": {"n_queries": 100}})
     doc = res.results
     assert not doc["sanity"]["passed"]
     alt = doc["alternative"]
@@ -218,3 +218,18 @@ def test_a_failed_check_runs_the_fallback_and_the_card_shows_both(tmp_path: Path
     assert 'data-reliable="false"' in html and 'class="badge">unreliable' in html
     assert 'td class="alternative-accuracy"' in html and 'id="summary-advice"' in html
     assert 'data-state="failed"' in html and "All sanity checks passed" not in html
+
+
+def test_minimum_norm_distance_line_in_the_report(tmp_path: Path) -> None:
+    """DeepFool's median distance to the nearest adversarial is over the samples it broke that
+    were classified correctly (never zeros of failures or of misclassified samples), and is
+    labelled in the report."""
+    data = linear_data()
+    res = _run(linear_model(), data, ["fgsm", "deepfool"], out=tmp_path)
+    d = res.results["attacks"]["deepfool"]["distance"]
+    clean_k = res.results["clean"]["accuracy"]["k"]
+    assert d["n"] == clean_k and d["min"] > 0  # every correct sample broken, none at zero
+    html = (tmp_path / "report.html").read_text()
+    assert ('class="min-norm-distance" data-attack="deepfool" '
+            f'data-value="{d["median"]!r}"') in html
+    assert "median distance to the nearest adversarial" in html

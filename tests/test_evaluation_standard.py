@@ -123,3 +123,41 @@ def test_quantized_input_is_flagged_as_gradient_masking(tmp_path: Path) -> None:
     assert not doc["headline"][-1]["reliable"]
     html = (tmp_path / "report.html").read_text()
     assert "gradient masking" in html and 'data-reliable="false"' in html
+
+
+def test_presets_resolve_as_autoattack_versions() -> None:
+    from medrobust.evaluation.families import build_ensemble_spec
+
+    std = build_ensemble_spec("standard", "linf", 10)
+    assert [c.label for c in std.components] == COMPONENTS
+    assert std.components[1].kwargs["n_target_classes"] == 9  # min(9, K - 1)
+    assert std.components[2].kwargs["n_target_classes"] == 9
+    assert std.components[3].kwargs["n_queries"] == 5000
+    assert all(c.kwargs.get("steps", 100) == 100 for c in std.components[:3])
+    binary = build_ensemble_spec("standard", "linf", 2)
+    assert binary.components[1].kwargs["n_target_classes"] == 1  # the single other class
+    l1 = build_ensemble_spec("standard", "l1", 5)
+    assert [c.label for c in l1.components] == ["apgd-ce", "apgd-t", "fab-t"]  # no Square
+    rand = build_ensemble_spec("standard-rand", "linf", 5)
+    assert [c.label for c in rand.components] == ["apgd-ce", "apgd-dlr"]
+    assert all(c.kwargs["eot_iter"] == 20 for c in rand.components)
+    assert rand.components[1].kwargs["loss"] == "dlr"
+    assert build_ensemble_spec("standard-rand", "linf", 2).components[1].kwargs["loss"] \
+        == "margin"  # DLR needs 3 classes: said in the notes
+    plus = build_ensemble_spec("plus", "linf", 5)
+    labels = [c.label for c in plus.components]
+    assert labels == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t", "square-t"]
+    assert plus.components[0].kwargs["restarts"] == 5
+    assert plus.components[3].kwargs["restarts"] == 5
+    sq_t = plus.components[-1]
+    assert sq_t.targets == 4 and not sq_t.loops_targets  # the ensemble loops over targets
+    fast = build_ensemble_spec("standard-fast", "linf", 5)
+    assert fast.components[0].kwargs["steps"] < 100 and fast.key != std.key
+
+
+def test_cli_default_is_the_standard_ensemble() -> None:
+    from medrobust.cli import build_parser
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["evaluate", "--model", "m", "--data", "d"])
+    assert args.attacks == "standard"
