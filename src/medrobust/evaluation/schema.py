@@ -32,8 +32,8 @@ Top level::
     medrobust_version
     config_hash      hash of everything that determines the numbers (the rerun key)
     seed             the run's seed (each unit's attack seed is derived from it)
-    config           {attacks: [{name, kind: "fixed-budget"|"minimum-norm", single_step,
-                      kwargs, config, key}], eps: [float], eps_labels: [str], large_eps,
+    config           {attacks: [{name, kind, single_step, gradient_free, kwargs, config
+                      (or components, for an ensemble), key, notes}], eps: [float], eps_labels: [str], large_eps,
                       norm, batch_size, direction: null|"pos2neg"|"neg2pos", positive_class,
                       units, bounds, display_window}
     model            {source, weights_sha256 (of the weights file, when loaded from a folder),
@@ -42,12 +42,8 @@ Top level::
                       evaluated tensors), n, shape, task, units, bounds, class_names,
                       class_counts}
     clean            {n, accuracy: P, auc: {value, ci_low, ci_high, method},
-                      per_class: [{class, name, **P}] (per finding for multi-label),
-     sensitivity: P, specificity: P (binary), grade_error: S, grade_shift: S (ordinal),
-     cost: {forward_passes, backward_passes},
-     broken_by: {component: int}, robust_after: [{attack, robust_accuracy: P}],
-     cost: [{attack, forward_passes, backward_passes, samples_attacked,
-             queries_per_sample}] (ensembles)}
+                      per_class: [{class, name, **P}], sensitivity: P, specificity: P (binary),
+                      grade_error: S (ordinal), predicted_classes}
     attacks          {name: A}, A = {key, kind: "fixed-budget"|"minimum-norm"|"unbounded"|
                         "ensemble"|"multilabel", single_step, gradient_free,
                         per_eps: [E], large_eps: E|null, distance: S (minimum-norm only),
