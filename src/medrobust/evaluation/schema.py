@@ -33,7 +33,8 @@ Top level::
     config_hash      hash of everything that determines the numbers (the rerun key)
     seed             the run's seed (each unit's attack seed is derived from it)
     config           {attacks: [{name, kind, single_step, gradient_free, kwargs, config
-                      (or components, for an ensemble), key, notes}], eps: [float], eps_labels: [str], large_eps,
+                      (or components, for an ensemble), key, notes}], eps: [float],
+                      eps_labels: [str], large_eps,
                       norm, batch_size, direction: null|"pos2neg"|"neg2pos", positive_class,
                       units, bounds, display_window}
     model            {source, weights_sha256 (of the weights file, when loaded from a folder),
