@@ -112,6 +112,7 @@ def evaluate(
     steps: int | None = None,
     device: str | torch.device | None = None,
     robust_auc: bool | None = None,
+    queries: int | None = None,
 ) -> EvaluationResult:
     """Evaluate a classifier's adversarial robustness on a data set.
 
@@ -149,6 +150,8 @@ def evaluate(
             "large eps reaches ~100% success" check.
         gallery: the number of gallery examples in the report.
         steps: the number of steps of every iterative attack that takes ``steps``.
+        queries: the query budget of every score-based attack that takes ``n_queries``
+            (Square; default 5000, AutoAttack's).
         device: where to load a model folder.
         robust_auc: binary tasks: also measure the AUC under attack (every sample attacked
             towards the other class; :mod:`medrobust.evaluation.families.robust_auc`). Default:
@@ -174,7 +177,8 @@ def evaluate(
     clf = info.classifier
     k = check_model_data(info, data)
     multilabel = data.task == "multi-label"
-    specs = build_attack_specs(attacks, norm_name, attack_kwargs, {"steps": steps},
+    common = {"steps": steps, "n_queries": queries}
+    specs = build_attack_specs(attacks, norm_name, attack_kwargs, common,
                                num_classes=k, multilabel=multilabel)
     budgets = default_budgets(clf.bounds, norm_name) if eps is None else parse_budgets(eps)
     numel = int(data.images[0].numel())
@@ -242,7 +246,7 @@ def evaluate(
     if out_dir is None:
         results, gal, gal_json, counts = _compute(
             clf, info, data, labels, specs, budgets, big, k, pos, settings, None, batch_size,
-            gallery, seed, direction, attack_kwargs, steps, run_id)
+            gallery, seed, direction, attack_kwargs, common, run_id)
     else:
         from medrobust.evaluation.output import (
             OutputLock,
@@ -269,7 +273,7 @@ def evaluate(
                 )
             results, gal, gal_json, counts = _compute(
                 clf, info, data, labels, specs, budgets, big, k, pos, settings, db_path,
-                batch_size, gallery, seed, direction, attack_kwargs, steps, run_id)
+                batch_size, gallery, seed, direction, attack_kwargs, common, run_id)
             doc = _document(results, gal_json, counts, info, data, specs, budgets, big, k, pos,
                             norm_name, batch_size, direction, seed, data_sha, run_hash, clf,
                             started, started_iso)
@@ -285,7 +289,7 @@ def _compute(
     clf: Any, info: ModelInfo, data: ImageData, labels: torch.Tensor, specs: list[AttackSpec],
     budgets: list[Budget], big: Budget | None, k: int, pos: int, settings: RunSettings,
     db_path: Path | None, batch_size: int, gallery: int, seed: int, direction: str | None,
-    attack_kwargs: Mapping[str, Mapping[str, Any]] | None, steps: int | None, run_id: str,
+    attack_kwargs: Mapping[str, Mapping[str, Any]] | None, common: dict[str, Any], run_id: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Plan, run, aggregate, check (and run the fallback attacks when a check failed)."""
     from medrobust.evaluation.aggregate import aggregate
@@ -330,7 +334,7 @@ def _compute(
         results["sanity"] = sanity
         computed, reused = collected.computed, collected.reused
         if masking and not _has_masking_resistant(results) and data.task != "multi-label":
-            fb = build_ensemble_spec(FALLBACK, settings.norm, k, attack_kwargs, {"steps": steps})
+            fb = build_ensemble_spec(FALLBACK, settings.norm, k, attack_kwargs, common)
             fplan = make_plan([fb], budgets, None, len(data), batch_size, clean=False)
             more = run_plan(clf, data, labels, fplan, store, settings,
                             clean_all=collected[f"{CLEAN_UNIT}|"])
@@ -352,7 +356,7 @@ def _compute(
                 summarize_robust_auc,
             )
 
-            rs = robust_auc_spec(steps)
+            rs = robust_auc_spec(common.get("steps"))
             rplan = make_plan([rs], budgets, None, len(data), batch_size, clean=False)
             more = run_plan(clf, data, labels, rplan, store, settings,
                             clean_all=collected[f"{CLEAN_UNIT}|"])

@@ -260,9 +260,6 @@ def build_ensemble_spec(
         minimization = not issubclass(cls, FixedBudgetAttack)
         if not minimization and accepts(cls, "early_stop"):
             kw["early_stop"] = True
-        for k, v in (common or {}).items():
-            if v is not None and accepts(cls, k):
-                kw[k] = v
         loops = bool(d.targets) and accepts(cls, "n_target_classes")
         if loops:
             kw["n_target_classes"] = max(1, min(d.targets, num_classes - 1))
@@ -286,6 +283,9 @@ def build_ensemble_spec(
                         break
         if fast and hasattr(cls, "fast_config"):
             kw.update(cls.fast_config())
+        for k, v in (common or {}).items():  # the user's --steps / --queries win
+            if v is not None and accepts(cls, k):
+                kw[k] = v
         kw.update(overrides.get(_norm_key(d.attack), {}))
         kw.update(overrides.get(_norm_key(d.label), {}))
         bad = [k for k in kw if k in ("eps", "norm", "seed", "generator")]
