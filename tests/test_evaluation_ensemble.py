@@ -233,3 +233,28 @@ def test_minimum_norm_distance_line_in_the_report(tmp_path: Path) -> None:
     assert ('class="min-norm-distance" data-attack="deepfool" '
             f'data-value="{d["median"]!r}"') in html
     assert "median distance to the nearest adversarial" in html
+
+
+def test_every_curve_stays_visible_over_the_worst_case() -> None:
+    """FGSM equals the worst case on a linear model (it is exact there): its line must still show
+    — drawn above the wide, pale worst-case line, with its own marker and dashes, and a small
+    horizontal offset from the other attacks — and DeepFool's median distance is a labelled
+    vertical line."""
+    from medrobust.evaluation.figures import robust_accuracy_figure
+
+    res = _run(linear_model(), linear_data(), ["fgsm", "pgd", "deepfool"], gallery=0)
+    ax = robust_accuracy_figure(res.results).axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    worst = lines["worst case"]
+    attacks = [lines[n] for n in ("fgsm", "pgd", "deepfool")]
+    assert all(a.get_zorder() > worst.get_zorder() for a in attacks)
+    assert worst.get_linewidth() > max(a.get_linewidth() for a in attacks)
+    assert worst.get_alpha() is not None and worst.get_alpha() < 1
+    assert len({a.get_marker() for a in attacks}) == 3
+    assert len({a.get_linestyle() for a in attacks}) == 3
+    xs = [tuple(a.get_xdata()) for a in attacks]
+    assert len(set(xs)) == 3  # offset: no two attacks drawn at exactly the same x
+    # fgsm's values equal the worst case's, and its line is not hidden under it
+    assert list(lines["fgsm"].get_ydata()) == list(worst.get_ydata())
+    label = [k for k in lines if "median distance to the nearest adversarial" in k]
+    assert len(label) == 1 and label[0].startswith("deepfool")
