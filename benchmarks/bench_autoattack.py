@@ -95,6 +95,8 @@ def run_reference(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             adv = aa.run_standard_evaluation(x.clone(), y.clone(), batch_size=len(x))
+        if isinstance(adv, tuple):  # pyautoattack returns (adversarial, labels)
+            adv = adv[0]
     except Exception as err:
         return None, time.perf_counter() - t, f"{type(err).__name__}: {str(err)[:60]}"
     return accuracy(net, adv, y), time.perf_counter() - t, ""
@@ -126,7 +128,9 @@ def main() -> None:
               flush=True)
         for eps in eps_list:
             ra, t, broken = run_medrobust(net, x, y, k, eps)
+            print(f"    medrobust {ra:.3f} ({t:.1f} s) {broken}", flush=True)
             ta, tt, terr = run_torchattacks(net, x, y, k, eps)
+            print(f"    torchattacks {ta} ({tt:.1f} s) {terr}", flush=True)
             rr, rt, rerr = run_reference(net, x, y, k, eps)
             rows.append((name, eps, ra, t, broken, ta, tt, terr, rr, rt, rerr))
             print(f"  eps {eps * 255:.0f}/255: medrobust {ra:.3f} ({t:.1f} s, {broken}); "
