@@ -16,6 +16,7 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
+from medrobust.attacks.dense import DAG, CosPGD
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
 from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
@@ -35,6 +36,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "dag": DAG,
+    "cospgd": CosPGD,
 }
 
 
@@ -57,6 +60,8 @@ __all__ = [
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "CosPGD",
+    "DAG",
     "DeepFool",
     "EAD",
     "FGSM",

@@ -15,6 +15,7 @@ from medrobust.models.base import (
     check_capabilities,
 )
 from medrobust.models.classifier import Classifier
+from medrobust.models.segmenter import Segmenter, SlidingWindow
 
 __all__ = [
     "Capabilities",
@@ -22,5 +23,7 @@ __all__ = [
     "LossFn",
     "Model",
     "ModelOutputError",
+    "Segmenter",
+    "SlidingWindow",
     "check_capabilities",
 ]
