@@ -21,10 +21,15 @@ from torch import nn
 
 import medrobust as mr
 from medrobust.attacks import (
+    ALMA,
+    APGD,
     BIM,
     DAG,
+    DDN,
     EAD,
+    FAB,
     FGSM,
+    FMN,
     JSMA,
     LBFGS,
     MIFGSM,
@@ -33,6 +38,7 @@ from medrobust.attacks import (
     CosPGD,
     DeepFool,
     OnePixel,
+    Square,
     StAdv,
     get_attack,
 )
@@ -365,7 +371,8 @@ def test_untargeted_attacks_on_a_segmenter(seg2d: Seg) -> None:
 def test_attacks_without_dense_support_refuse_a_segmenter(seg2d: Seg) -> None:
     x, y = seg2d.x[:1], seg2d.y[:1]
     for attack in (DeepFool(), CarliniWagnerL2(steps=2, binary_search_steps=1), EAD(steps=2),
-                   LBFGS(), JSMA(), OnePixel(), StAdv()):
+                   LBFGS(), DDN(), FMN(), ALMA(), FAB(), JSMA(), OnePixel(), StAdv(),
+                   APGD(8 / 255), Square(8 / 255)):
         with pytest.raises(TypeError, match="supports_dense"):
             attack(seg2d.model, x, y)
     assert isinstance(get_attack("dag", eps=0.1), DAG)
