@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def _fcn(dim: int, width: int) -> nn.Module:
 
 
 def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mean: float, std: float,
-           epochs: int, seed: int) -> nn.Module:
+           epochs: int, seed: int, batch: int = 32) -> nn.Module:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -78,8 +79,8 @@ def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mean: float, std: f
             xn = (x - mean) / std
             for _ in range(epochs):
                 perm = torch.randperm(len(x))
-                for i in range(0, len(x), 32):
-                    b = perm[i:i + 32]
+                for i in range(0, len(x), batch):
+                    b = perm[i:i + batch]
                     loss = F.cross_entropy(net(xn[b]), y[b], weight=weight)
                     opt.zero_grad()
                     loss.backward()
@@ -115,14 +116,15 @@ def seg2d() -> Seg:
 
 @pytest.fixture(scope="module")
 def seg3d() -> Seg:
-    """A 3D phantom segmenter (5-D inputs), trained briefly: for the invariants."""
+    """A 3D phantom segmenter (5-D inputs, 16^3 voxels); 4 held-out volumes."""
     d = make_phantoms(24, 16, dim=3, task="segmentation", seed=1, lesion_fraction=1.0,
-                      lesion_contrast=60.0, lesion_radius=(0.15, 0.25), n_organs=0)
+                      lesion_contrast=40.0, lesion_radius=(0.15, 0.25), n_organs=0, noise=4.0,
+                      texture=4.0)
     mean, std = float(d.images.mean()), float(d.images.std())
     with torch.random.fork_rng():
         torch.manual_seed(1)
         net = _fcn(3, 4)
-    net = _train(net, d.images[:20], d.labels[:20], mean, std, epochs=3, seed=1)
+    net = _train(net, d.images[:20], d.labels[:20], mean, std, epochs=15, seed=1, batch=4)
     model = mr.Segmenter(net, bounds=(0.0, 1.0), mean=mean, std=std, num_classes=2,
                          chunk_size=2)
     return Seg(model, d.images[20:], d.labels[20:])
@@ -483,3 +485,54 @@ def test_a_saved_unet_loads_as_a_segmenter(tmp_path) -> None:
     with torch.no_grad():
         expected = net((x - 0.2) / 0.5)
     assert torch.allclose(seg.logits(x), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ evaluation
+def test_evaluate_segmentation(seg3d: Seg, tmp_path) -> None:
+    import json
+
+    from medrobust.data.base import ImageData
+    from medrobust.evaluation.errors import EvaluationError
+    from medrobust.evaluation.segmentation import evaluate_segmentation, hd95
+
+    # HD95 closed form: two 1-voxel-thick plates 3 voxels apart
+    a = np.zeros((8, 8, 8), dtype=bool)
+    b = np.zeros_like(a)
+    a[2], b[5] = True, True
+    assert hd95(a, b) == pytest.approx(3.0)
+    assert hd95(a, b, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert np.isnan(hd95(a, np.zeros_like(a)))
+
+    data = ImageData(images=seg3d.x, labels=seg3d.y, bounds=(0.0, 1.0), units="intensity",
+                     task="segmentation", class_names=["background", "lesion"])
+    kw = {"pgd": {"steps": 2}, "cospgd": {"steps": 2}, "dag": {"max_iter": 3}}
+    doc = evaluate_segmentation(seg3d.model, data, "pgd,cospgd,dag", eps="0,4/255,16/255",
+                                out=tmp_path, batch_size=2, attack_kwargs=kw)
+    clean = dice_per_class(seg3d.model.predict(seg3d.x), seg3d.y, 2)[:, 1]
+    assert doc["clean"]["lesion"]["dice"]["mean"] == pytest.approx(float(clean.nanmean()))
+    for name in ("pgd", "cospgd", "dag"):
+        per = doc["attacks"][name]["per_eps"]
+        assert per[0]["dice"]["lesion"]["mean"] == pytest.approx(float(clean.nanmean()))
+        assert per[-1]["linf_max"] <= 16 / 255 + 1e-6
+    worst = doc["worst_case"]
+    for j in range(3):  # the worst case is the per-case minimum over the attacks
+        per_case = np.array(doc["per_case"]["worst_dice"][worst[j]["eps"]])[:, 1]
+        mins = np.nanmin(np.stack([
+            [e["dice"]["lesion"]["mean"] for e in doc["attacks"][n]["per_eps"]][j:j + 1]
+            for n in ("pgd", "cospgd", "dag")]))
+        assert float(per_case.mean()) <= mins + 1e-9
+    assert worst[-1]["dice"]["lesion"]["mean"] < worst[0]["dice"]["lesion"]["mean"]
+    assert (tmp_path / "figures" / "dice_vs_eps.png").is_file()
+    assert (tmp_path / "figures" / "overlays.png").is_file()
+    saved = json.loads((tmp_path / "segmentation_results.json").read_text())
+    assert saved["attacks"]["dag"]["per_eps"][1]["eps"] == "4/255"
+    # a rerun reads every unit back from the store
+    again = evaluate_segmentation(seg3d.model, data, "pgd,cospgd,dag", eps="0,4/255,16/255",
+                                  out=tmp_path, batch_size=2, attack_kwargs=kw, figures=False)
+    assert again["units"]["computed"] == 0 and again["worst_case"] == doc["worst_case"]
+    with pytest.raises(EvaluationError, match="cannot attack a segmenter"):
+        evaluate_segmentation(seg3d.model, data, "deepfool")
+    bad = ImageData(images=seg3d.x, labels=seg3d.y[..., :8], bounds=(0.0, 1.0),
+                    units="intensity", task="segmentation", class_names=["bg", "lesion"])
+    with pytest.raises(EvaluationError, match="spatial shape"):
+        evaluate_segmentation(seg3d.model, bad, "pgd")

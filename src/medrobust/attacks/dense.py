@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from medrobust.attacks.base import Attack, AttackContext, RunOutput, _check_eps
 from medrobust.attacks.gradient import GradientAttack
 from medrobust.criteria import Criterion, DenseCriterion
-from medrobust.norms import Linf, Norm, batch_view
+from medrobust.norms import Linf, Norm, batch_view, get_norm
 
 __all__ = ["DAG", "CosPGD"]
 
@@ -55,6 +55,7 @@ class DAG(Attack):
     Args:
         eps: an optional L-inf budget in input units (the paper's attack is unbounded; ``None``).
             With a budget, every iterate is projected onto the eps-ball (and the bounds).
+        norm: ``"linf"`` only (the budget's norm; accepted for a uniform interface).
         gamma: the L-inf length of each normalized step, in input units; default ``0.5 / 255``
             of the bounds' span (the paper's 0.5 on 0..255 images).
         max_iter: the most iterations (the paper: 200 for segmentation).
@@ -79,6 +80,7 @@ class DAG(Attack):
     def __init__(
         self,
         eps: float | torch.Tensor | None = None,
+        norm: str | Norm = "linf",
         *,
         gamma: float | None = None,
         max_iter: int = 200,
@@ -89,6 +91,8 @@ class DAG(Attack):
     ) -> None:
         super().__init__(seed=seed, generator=generator)
         self.eps = None if eps is None else _check_eps(eps)
+        if get_norm(norm).name != "linf":
+            raise ValueError(f"DAG's budget is an L-inf ball; got norm {get_norm(norm).name!r}")
         self.norm = Linf()
         if gamma is not None and not (float(gamma) > 0):
             raise ValueError(f"gamma must be > 0; got {gamma!r}")
