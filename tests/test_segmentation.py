@@ -536,3 +536,31 @@ def test_evaluate_segmentation(seg3d: Seg, tmp_path) -> None:
                     units="intensity", task="segmentation", class_names=["bg", "lesion"])
     with pytest.raises(EvaluationError, match="spatial shape"):
         evaluate_segmentation(seg3d.model, bad, "pgd")
+
+
+def test_cli_evaluate_on_a_segmentation_model(tmp_path, capsys) -> None:
+    import json
+
+    from medrobust.cli import main
+    from medrobust.modelstore import save_model
+    from medrobust.nets import build_network
+    from medrobust.training import seeded
+
+    with seeded(0):
+        net = build_network("unet", in_channels=1, num_classes=2, spatial_dims=2,
+                            channels=[4, 8], num_res_units=0)
+    save_model(tmp_path / "unet", net.eval(), bounds=(0.0, 1.0),
+               class_names=["background", "lesion"])
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--model", str(tmp_path / "unet"), "--data", "phantom-seg",
+               "--limit", "2", "--attacks", "pgd,cospgd", "--eps", "0,2/255", "--steps", "1",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "worst case" in text and "cospgd" in text
+    doc = json.loads((out / "segmentation_results.json").read_text())
+    assert doc["n"] == 2 and set(doc["attacks"]) == {"pgd", "cospgd"}
+    rc = main(["evaluate", "--model", str(tmp_path / "unet"), "--data", "phantom-seg",
+               "--limit", "2", "--attacks", "deepfool", "--out", str(out), "--quiet"])
+    assert rc == 2
+    assert "cannot attack a segmenter" in capsys.readouterr().err

@@ -54,7 +54,7 @@ from medrobust.evaluation.util import (
 )
 from medrobust.models import Segmenter
 
-__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95"]
+__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95", "summary_lines"]
 
 FAMILY = "segmentation"
 RESULTS_FILE = "segmentation_results.json"
@@ -424,3 +424,26 @@ def _planes(ndim: int, structure: np.ndarray) -> list[tuple[str, tuple[Any, ...]
     return [("axial", (d, slice(None), slice(None))),
             ("coronal", (slice(None), h, slice(None))),
             ("sagittal", (slice(None), slice(None), w))]
+
+
+def summary_lines(doc: dict[str, Any]) -> list[str]:
+    """A plain-text table of a segmentation evaluation: mean Dice per foreground class, clean,
+    under each attack and budget, and the per-case worst case."""
+    names = doc["classes"][1:]
+
+    def cell(d: dict[str, Any]) -> str:
+        m = d.get("mean")
+        return "   nan" if m is None else f"{m:6.3f}"
+
+    head = f"{'':24s}{'eps':>10s}  " + "  ".join(f"{n[:12]:>12s}" for n in names)
+    lines = [f"Dice (mean over {doc['n']} cases)", head]
+    lines.append(f"{'clean':24s}{'':>10s}  "
+                 + "  ".join(f"{cell(doc['clean'][n]['dice']):>12s}" for n in names))
+    for name, block in doc["attacks"].items():
+        for e in block["per_eps"]:
+            lines.append(f"{name:24s}{e['eps']:>10s}  "
+                         + "  ".join(f"{cell(e['dice'][n]):>12s}" for n in names))
+    for e in doc["worst_case"]:
+        lines.append(f"{'worst case':24s}{e['eps']:>10s}  "
+                     + "  ".join(f"{cell(e['dice'][n]):>12s}" for n in names))
+    return lines
