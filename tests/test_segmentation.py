@@ -224,6 +224,13 @@ def test_dense_criteria_closed_form() -> None:
     assert float(PixelFraction(0.5).bind(labels, None, "ce").margin(logits, idx)) < 0
     expected = F.cross_entropy(logits, labels, reduction="none").mean()
     assert float(pf.loss(logits, idx)) == pytest.approx(float(expected))
+    # margin loss: max_{j != y} z_j - z_y per voxel, clipped at 0: [-2, -1, -2, 0] -> mean -1.25
+    pm = PixelFraction(0.25).bind(labels, None, "margin")
+    assert float(pm.loss(logits, idx)) == pytest.approx(-1.25)
+    # DiceBelow averages over the structure's voxels (1, 2, 3) only
+    ce = F.cross_entropy(logits, labels, reduction="none").flatten()
+    dce = DiceBelow(1, 0.5).bind(labels, None, "ce")
+    assert float(dce.loss(logits, idx)) == pytest.approx(float(ce[1:].mean()))
     # Dice of class 1: prediction {1, 2}, label {1, 2, 3} -> 2*2/(2+3) = 0.8
     db = DiceBelow(1, 0.85).bind(labels, None, "ce")
     assert float(db.dice(logits, idx)) == pytest.approx(0.8)
