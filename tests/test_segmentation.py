@@ -269,6 +269,14 @@ def test_cospgd_weights_are_the_cosine_similarity() -> None:
     ce_t = F.cross_entropy(logits, target, reduction="none")
     expected_t = (-(1 - cos_t) * ce_t).flatten(1).mean(1)
     assert torch.allclose(_CosineWeighted(inner_t).loss(logits, idx), expected_t, atol=1e-6)
+    # class outputs: each sample's loss weighted by cos(softmax(z), e_y)
+    z = torch.randn(4, 3, generator=g)
+    yc = torch.tensor([0, 1, 2, 0])
+    pc = torch.softmax(z, 1)
+    w = pc.gather(1, yc.unsqueeze(1))[:, 0] / pc.norm(dim=1)
+    crit = Misclassification().bind(yc, None, "ce")
+    assert torch.allclose(_CosineWeighted(crit).loss(z, torch.arange(4)),
+                          w * F.cross_entropy(z, yc, reduction="none"), atol=1e-6)
 
 
 def test_criteria_match_the_model_kind(seg2d: Seg) -> None:
@@ -282,10 +290,11 @@ def test_criteria_match_the_model_kind(seg2d: Seg) -> None:
         PGD(4 / 255, steps=2)(clf, x, y, criterion=PixelFraction())
     res = PGD(1 / 255, steps=1)(clf, x, y)
     assert res.voxel_success is None and res.dice is None
-    with pytest.raises(TypeError, match="attack on dense outputs"):
-        CosPGD(4 / 255, steps=2)(clf, x, y)
-    with pytest.raises(TypeError, match="attack on dense outputs"):
-        DAG(4 / 255)(clf, x, y)
+    # on a classifier a sample is one "pixel": unbounded DAG flips every prediction
+    res = DAG(max_iter=500)(clf, x, y)
+    assert bool(res.success.all()) and torch.equal(res.extra["active_left"], torch.zeros(2).long())
+    res = CosPGD(0.9, steps=20, seed=0)(clf, x, y, target=(y + 1) % 3)
+    assert bool(res.success.all())
 
 
 # ------------------------------------------------------------------------------ attacks

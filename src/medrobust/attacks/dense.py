@@ -34,19 +34,12 @@ from medrobust.norms import Linf, Norm, batch_view, get_norm
 __all__ = ["DAG", "CosPGD"]
 
 
-def _require_dense(attack: Any, ctx: AttackContext) -> DenseCriterion:
-    if ctx.model.capabilities.output != "dense":
+def _check_output(attack: Any, ctx: AttackContext) -> None:
+    if ctx.model.capabilities.output not in ("dense", "class"):
         raise TypeError(
-            f"{type(attack).__name__} is an attack on dense outputs (segmenters); the "
-            f"{ctx.model.kind} ({type(ctx.model).__name__}) has {ctx.model.capabilities.output!r}"
-            " outputs: use PGD"
+            f"{type(attack).__name__} attacks dense outputs (segmenters) and class outputs; the "
+            f"{ctx.model.kind} has {ctx.model.capabilities.output!r} outputs"
         )
-    crit = ctx.criterion
-    if not isinstance(crit, DenseCriterion):
-        raise TypeError(
-            f"{type(attack).__name__} needs a dense criterion; got {type(crit).__name__}"
-        )
-    return crit
 
 
 class DAG(Attack):
@@ -67,6 +60,10 @@ class DAG(Attack):
             set is empty, as in the paper).
         seed, generator: unused (DAG is deterministic); accepted for a uniform interface.
 
+    On a classifier (class outputs) a sample is one "pixel": DAG is then the iterative,
+    L-inf-normalized ascent on ``z_target - z_label`` (untargeted: the most likely other class)
+    until the prediction flips.
+
     Targeted (``target=`` label maps, e.g. :func:`~medrobust.criteria.remove_target`), the
     adversarial label of a voxel is its target and only voxels whose target differs from their
     label take part. Untargeted, the adversarial label of each active voxel is its most likely
@@ -76,6 +73,7 @@ class DAG(Attack):
 
     name = "dag"
     supports_dense = True
+    supported_norms = ("linf",)
 
     def __init__(
         self,
@@ -137,7 +135,7 @@ class DAG(Attack):
         return logits.detach().scatter(1, labels.unsqueeze(1), float("-inf")).argmax(1)
 
     def run(self, ctx: AttackContext) -> RunOutput:
-        _require_dense(self, ctx)
+        _check_output(self, ctx)
         x = ctx.x
         n = ctx.n
         gamma = self.gamma if self.gamma is not None else 0.5 / 255.0 * ctx.model.span
@@ -204,24 +202,31 @@ class DAG(Attack):
 
 
 class _CosineWeighted(Criterion):
-    """A bound dense criterion whose per-voxel loss is weighted by CosPGD's cosine similarity."""
+    """A bound criterion whose per-voxel loss (per-sample loss for class outputs) is weighted by
+    CosPGD's cosine similarity between the softmax output and the one-hot goal."""
 
-    def __init__(self, inner: DenseCriterion) -> None:
+    def __init__(self, inner: Criterion) -> None:
         super().__init__(inner.labels, inner.loss_name)
         self.inner = inner
-        self.targeted = inner.target is not None
+        self.goal_target: torch.Tensor | None = getattr(inner, "target", None)
+        self.targeted = self.goal_target is not None
 
-    def loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        inner = self.inner
-        inner._check_classes(logits)
-        goal = inner.target[index] if inner.target is not None else inner.labels[index]
+    def _weight(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        goal = self.goal_target[index] if self.goal_target is not None else self.labels[index]
         with torch.no_grad():
             p = torch.softmax(logits, dim=1)
             onehot = F.one_hot(goal, logits.shape[1]).movedim(-1, 1).to(p.dtype)
             cos = F.cosine_similarity(p, onehot, dim=1, eps=1e-12)
-            weight = 1.0 - cos if self.targeted else cos
-        per_voxel = inner.voxel_loss(logits, index) * weight
-        return inner.reduce(per_voxel, inner.voxel_weights(logits, index))
+        return 1.0 - cos if self.targeted else cos
+
+    def loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        weight = self._weight(logits, index)
+        if isinstance(inner, DenseCriterion):
+            inner._check_classes(logits)
+            per_voxel = inner.voxel_loss(logits, index) * weight
+            return inner.reduce(per_voxel, inner.voxel_weights(logits, index))
+        return inner.loss(logits, index) * weight  # class outputs: one "pixel" per sample
 
     def margin(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.inner.margin(logits, index)
@@ -238,6 +243,8 @@ class CosPGD(GradientAttack):
     (voxels already at their target stop pulling the step). The per-voxel loss is the
     criterion's (cross-entropy by default, as in the paper; ``loss="margin"`` for the clipped
     margin) and the weights are constants for the gradient (detached, as in the paper's code).
+    On a classifier each sample is one "pixel": its loss is weighted by the cosine similarity of
+    its softmax output to the one-hot label (target).
 
     Args: those of :class:`~medrobust.attacks.PGD` (``eps``, ``norm`` "linf" or "l2", ``steps``,
     ``step_size``/``rel_step_size``, ``random_start``, ``restarts``, ``loss``, ``early_stop``,
@@ -248,6 +255,7 @@ class CosPGD(GradientAttack):
     name = "cospgd"
     supports_multilabel = False
     supports_dense = True
+    supported_norms = ("linf", "l2")
 
     def __init__(
         self,
@@ -273,7 +281,8 @@ class CosPGD(GradientAttack):
             raise ValueError(f"CosPGD is defined for linf and l2; got {self.norm.name!r}")
 
     def run(self, ctx: AttackContext) -> RunOutput:
-        inner = _require_dense(self, ctx)
+        _check_output(self, ctx)
+        inner = ctx.criterion
         ctx.criterion = _CosineWeighted(inner)
         try:
             return super().run(ctx)
