@@ -16,8 +16,10 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
+from medrobust.attacks.decision import HopSkipJump
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
 from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.score import SimBA
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
 
@@ -35,6 +37,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "hopskipjump": HopSkipJump,
+    "simba": SimBA,
 }
 
 
@@ -62,6 +66,7 @@ __all__ = [
     "FGSM",
     "FixedBudgetAttack",
     "GradientAttack",
+    "HopSkipJump",
     "LBFGS",
     "JSMA",
     "MIFGSM",
@@ -69,6 +74,7 @@ __all__ = [
     "OnePixel",
     "PGD",
     "RunOutput",
+    "SimBA",
     "StAdv",
     "get_attack",
     "register",

@@ -14,13 +14,16 @@ from medrobust.models.base import (
     ModelOutputError,
     check_capabilities,
 )
+from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
 
 __all__ = [
+    "BlackBox",
     "Capabilities",
     "Classifier",
     "LossFn",
     "Model",
     "ModelOutputError",
+    "QueryBudget",
     "check_capabilities",
 ]
