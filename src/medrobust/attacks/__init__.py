@@ -17,7 +17,7 @@ from medrobust.attacks.base import (
     RunOutput,
 )
 from medrobust.attacks.decision import HopSkipJump
-from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
+from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.score import SimBA
 from medrobust.attacks.sparse import JSMA, OnePixel
@@ -39,6 +39,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "stadv": StAdv,
     "hopskipjump": HopSkipJump,
     "simba": SimBA,
+    "difgsm": DIFGSM,
+    "tifgsm": TIFGSM,
 }
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "DIFGSM",
     "DeepFool",
     "EAD",
     "FGSM",
@@ -76,6 +79,7 @@ __all__ = [
     "RunOutput",
     "SimBA",
     "StAdv",
+    "TIFGSM",
     "get_attack",
     "register",
 ]

@@ -16,11 +16,13 @@ from medrobust.models.base import (
 )
 from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
+from medrobust.models.ensemble import Ensemble
 
 __all__ = [
     "BlackBox",
     "Capabilities",
     "Classifier",
+    "Ensemble",
     "LossFn",
     "Model",
     "ModelOutputError",
