@@ -193,3 +193,35 @@ def test_cli_transfer_writes_results_and_a_report(tmp_path, data_dir):
         assert main(["transfer", "--models", folders[0], "--data", "x", "--eps", "1",
                      "--out", str(tmp_path / "U")]) == 2
     assert "at least two" in err.getvalue()
+
+
+# ------------------------------------------------------------------ substitute training
+def test_substitute_from_a_label_oracle_agrees_and_transfers(pneumonia_model, data_dir):
+    """Papernot et al.: 100 held-out images (not the target's training data), the target queried
+    as a label oracle; every query is counted; the substitute agrees with the target on other
+    held-out images and its PGD examples (eps 8/255) transfer to the target."""
+    from conftest import load_npz_split
+
+    from medrobust.substitute import train_substitute
+
+    net = pneumonia_model.model.module
+    oracle = mr.BlackBox(lambda z: net(z).argmax(1), output="label", num_classes=2)
+    xv, _ = load_npz_split(data_dir / "pneumoniamnist.npz", "val")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        sub_net = build_network("smallcnn", in_channels=1, num_classes=2, width=4)
+    res = train_substitute(oracle, xv[:100], sub_net, epochs=4, train_epochs=3, lr=3e-3,
+                           seed=0)
+    assert res.queries == oracle.queries == 800  # 100 -> 200 -> 400 -> 800, each labelled once
+    assert [h["set_size"] for h in res.history] == [100, 200, 400, 800]
+    x, y = pneumonia_model.x[:128], pneumonia_model.y[:128]
+    agree = float((res.model.predict(x) == pneumonia_model.model.predict(x)).float().mean())
+    assert agree >= 0.75
+    tr = mr.transfer({"sub": res.model, "target": pneumonia_model.model}, (x, y), "pgd",
+                     eps=8 / 255, attack_kwargs={"steps": 10})
+    assert tr.success[0][1] >= 0.3, tr.to_markdown()
+    # a query budget stops the augmentation before it is exceeded
+    capped = train_substitute(oracle, xv[:100], build_network("smallcnn", in_channels=1,
+                              num_classes=2, width=2), epochs=4, train_epochs=1,
+                              max_queries=250, seed=0)
+    assert capped.queries == 250
