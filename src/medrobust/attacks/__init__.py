@@ -19,9 +19,12 @@ from medrobust.attacks.base import (
 from medrobust.attacks.decision import HopSkipJump
 from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.patch import AdversarialPatch
+from medrobust.attacks.rp2 import RP2
 from medrobust.attacks.score import SimBA
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
+from medrobust.attacks.universal import UniversalPerturbation
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -41,6 +44,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "simba": SimBA,
     "difgsm": DIFGSM,
     "tifgsm": TIFGSM,
+    "universal": UniversalPerturbation,
+    "patch": AdversarialPatch,
+    "rp2": RP2,
 }
 
 
@@ -59,6 +65,7 @@ def get_attack(name: str, **kwargs: Any) -> Attack:
 
 __all__ = [
     "ATTACKS",
+    "AdversarialPatch",
     "Attack",
     "AttackContext",
     "BIM",
@@ -76,10 +83,12 @@ __all__ = [
     "MinimumNormAttack",
     "OnePixel",
     "PGD",
+    "RP2",
     "RunOutput",
     "SimBA",
     "StAdv",
     "TIFGSM",
+    "UniversalPerturbation",
     "get_attack",
     "register",
 ]
