@@ -33,6 +33,9 @@ FAST: dict[str, dict[str, Any]] = {
     "mifgsm": {"steps": 5},
     "hopskipjump": {"max_queries": 120, "max_iterations": 3, "init_evals": 10, "init_attempts": 5},
     "simba": {"max_queries": 60},
+    "universal": {"max_passes": 2, "deepfool_steps": 3},
+    "patch": {"steps": 3, "batch_size": 4},
+    "rp2": {"steps": 3, "draws": 2, "eval_draws": 2},
 }
 
 

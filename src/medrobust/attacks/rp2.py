@@ -104,7 +104,7 @@ class RP2(FixedBudgetAttack):
     """RP2-style masked, smooth, transformation-robust perturbation (Eykholt et al., CVPR 2018).
 
     Args:
-        eps, norm: the budget (``"linf"`` or ``"l2"``), in input units.
+        eps, norm: the budget (``"linf"``, ``"l2"`` or ``"l1"``), in input units.
         steps: optimization steps.
         draws: transformations averaged per step (EOT).
         tv_weight: ``lambda``, the weight of the total-variation term, relative: its gradient is
@@ -134,8 +134,6 @@ class RP2(FixedBudgetAttack):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(eps, norm, loss=loss, seed=seed, generator=generator)
-        if self.norm.name not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2'; got {self.norm.name!r}")
         for name, v in (("steps", steps), ("draws", draws), ("eval_draws", eval_draws)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")

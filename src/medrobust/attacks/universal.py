@@ -120,7 +120,8 @@ class UniversalPerturbation(FixedBudgetAttack):
     Shafahi et al., AAAI 2020).
 
     Args:
-        eps, norm: the budget of the single perturbation (``"linf"`` or ``"l2"``).
+        eps, norm: the budget of the single perturbation (``"linf"``, ``"l2"`` or ``"l1"``); with
+            one eps per sample the smallest applies (one perturbation must fit every budget).
         method: ``"deepfool"`` (the paper's Algorithm 1) or ``"sgd"``.
         delta: stop once the fooling rate on the data is at least ``1 - delta`` (paper: 0.2).
         max_passes: passes over the data (DeepFool) / epochs (SGD).
@@ -150,10 +151,6 @@ class UniversalPerturbation(FixedBudgetAttack):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(eps, norm, seed=seed, generator=generator)
-        if isinstance(self.eps, torch.Tensor):
-            raise ValueError("a universal perturbation has one budget: eps must be a number")
-        if self.norm.name not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2'; got {self.norm.name!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         if not 0 <= delta < 1:
@@ -203,8 +200,7 @@ class UniversalPerturbation(FixedBudgetAttack):
                                 crit, None, k, gen)
             ctx.forward_passes = spent
             v, info = self._fit(ctx, ctx.all_index())
-        return Universal(v.cpu(), float(self.eps), self.norm.name,  # type: ignore[arg-type]
-                         model.bounds, target, info)
+        return Universal(v.cpu(), self._eps(), self.norm.name, model.bounds, target, info)
 
     def run(self, ctx: AttackContext) -> RunOutput:
         adv = ctx.x.clone()
@@ -223,10 +219,14 @@ class UniversalPerturbation(FixedBudgetAttack):
             return None
         return (ctx.mask[idx] != 0).all(0, keepdim=True).to(ctx.x.dtype)
 
+    def _eps(self) -> float:
+        e = self.eps
+        return float(e.min()) if isinstance(e, torch.Tensor) else float(e)
+
     def _project(self, v: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
         if region is not None:
             v = v * region
-        eps = torch.full((1,), float(self.eps), device=v.device, dtype=v.dtype)  # type: ignore[arg-type]
+        eps = torch.full((1,), self._eps(), device=v.device, dtype=v.dtype)
         return self.norm.project(v, eps)
 
     def _fooled(self, ctx: AttackContext, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -248,6 +248,7 @@ class UniversalPerturbation(FixedBudgetAttack):
         """DeepFool's minimal perturbation for the inputs ``xv`` (rows ``idx``), towards the
         criterion's goal, with the paper's overshoot."""
         linf = isinstance(self.norm, Linf)
+        l1 = self.norm.name == "l1"
         r_tot = torch.zeros_like(xv)
         k = ctx.num_classes
         active = torch.ones(idx.numel(), dtype=torch.bool, device=xv.device)
@@ -273,7 +274,8 @@ class UniversalPerturbation(FixedBudgetAttack):
             if region is not None:
                 w = w * region.unsqueeze(1)
             wf = w.flatten(2)
-            wn = wf.abs().sum(2) if linf else wf.norm(dim=2)
+            # the dual norm of the budget's: L1 for L-inf, L2 for L2, L-inf for L1
+            wn = wf.abs().sum(2) if linf else (wf.abs().amax(2) if l1 else wf.norm(dim=2))
             dist = torch.where(wn > 0, f.abs() / (wn + 1e-8), torch.full_like(f, math.inf))
             best = dist.argmin(1)
             rows = torch.arange(a.numel(), device=xv.device)
@@ -281,6 +283,11 @@ class UniversalPerturbation(FixedBudgetAttack):
             nl = wn[rows, best].clamp_min(1e-12)
             if linf:
                 r = batch_view((fl + 1e-4) / nl, wl) * wl.sign()
+            elif l1:  # the single coordinate with the largest gradient
+                top1 = wl.flatten(1).abs().argmax(1)
+                one = torch.zeros_like(wl.flatten(1))
+                one[torch.arange(a.numel()), top1] = 1
+                r = batch_view((fl + 1e-4) / nl, wl) * (wl.sign() * one.view_as(wl))
             else:
                 r = batch_view((fl + 1e-4) / nl**2, wl) * wl
             r_tot[a] = r_tot[a] + r
@@ -303,7 +310,7 @@ class UniversalPerturbation(FixedBudgetAttack):
 
     def _fit_sgd(self, ctx: AttackContext, idx: torch.Tensor, v: torch.Tensor,
                  region: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        alpha = self.step_size if self.step_size is not None else float(self.eps) / 10  # type: ignore[arg-type]
+        alpha = self.step_size if self.step_size is not None else self._eps() / 10
         passes = 0
         beta = self.beta
 
