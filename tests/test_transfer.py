@@ -225,3 +225,21 @@ def test_substitute_from_a_label_oracle_agrees_and_transfers(pneumonia_model, da
                               num_classes=2, width=2), epochs=4, train_epochs=1,
                               max_queries=250, seed=0)
     assert capped.queries == 250
+
+
+def test_vit_is_a_registered_classifier_that_attacks_and_saves(tmp_path):
+    from medrobust.modelstore import load_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = build_network("vit", in_channels=1, num_classes=3, num_layers=1, hidden_size=24,
+                            mlp_dim=48, num_heads=2)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert net(x).shape == (2, 3)
+    clf = mr.Classifier(net.eval())
+    res = get_attack("fgsm", eps=4 / 255)(clf, x, clf.predict(x))
+    assert float((res.adversarial - x).abs().max()) <= 4 / 255 + 1e-7
+    back = load_model(save_model(tmp_path / "vit", net, task="multi-class", num_classes=3))
+    assert torch.allclose(back.module(x), net(x), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        build_network("vit", patch_size=5)
