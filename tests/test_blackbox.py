@@ -208,3 +208,17 @@ def test_simba_dct_works_on_volumes_and_respects_the_mask():
     assert torch.equal(res.adversarial[(mask == 0).expand_as(x)], x[(mask == 0).expand_as(x)])
     again = SimBA("dct", step=0.5, max_queries=300, seed=1)(model, x, y, mask=mask)
     assert torch.equal(again.adversarial, res.adversarial)
+
+
+def test_square_from_main_attacks_a_score_black_box(pneumonia_model):
+    """The Square attack (reliable-evaluation issue) reused on a score oracle: it needs no
+    gradients, its queries are the oracle's."""
+    from medrobust.attacks import Square
+
+    x, y = _correct(pneumonia_model, 8)
+    net = pneumonia_model.model.module
+    bb = mr.BlackBox(lambda z: torch.softmax(net(z), 1), output="probs")
+    res = Square(12 / 255, n_queries=200, seed=0)(bb, x, y)
+    assert res.forward_passes == bb.queries
+    assert res.success.float().mean() >= 0.5
+    assert float((res.adversarial - x).abs().max()) <= 12 / 255 + 1e-6
