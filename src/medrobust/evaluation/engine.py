@@ -617,6 +617,7 @@ def evaluate(
     from medrobust.evaluation.gallery import build_gallery
     from medrobust.evaluation.sanity import run_checks
 
+    __import__("medrobust.compat").compat.check_evaluation(model, data)  # model/data fit
     started = time.time()
     started_iso = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     try:
