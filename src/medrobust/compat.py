@@ -23,6 +23,7 @@ __all__ = [
     "check_eps",
     "check_evaluation",
     "check_input_size",
+    "check_pixel_limit",
     "check_model_data",
     "model_resizes",
 ]
@@ -64,6 +65,15 @@ def _size_text(size: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in size)
 
 
+def check_pixel_limit(n_values: int, where: str = "the input") -> None:
+    """Refuse an input of more than :data:`MAX_PIXELS` values (count them from its header)."""
+    if int(n_values) > MAX_PIXELS:
+        raise MismatchError(
+            f"{where} holds {int(n_values):,} values, over the limit of {MAX_PIXELS:,}: crop or "
+            "downsample it first"
+        )
+
+
 def check_input_size(meta: Mapping[str, Any], spatial_shape: Sequence[int],
                      where: str = "the data", channels: int | None = None) -> None:
     """Refuse an input whose spatial size differs from the size recorded in ``model.json`` (unless
@@ -72,12 +82,7 @@ def check_input_size(meta: Mapping[str, Any], spatial_shape: Sequence[int],
     ``spatial_shape`` can come from a file's header, so the check runs before the file is read.
     """
     shape = [int(s) for s in spatial_shape]
-    total = math.prod(shape) * int(channels or 1)
-    if total > MAX_PIXELS:
-        raise MismatchError(
-            f"{where} is {_size_text(shape)} ({total:,} values), over the limit of "
-            f"{MAX_PIXELS:,}: crop or downsample it first"
-        )
+    check_pixel_limit(math.prod(shape) * int(channels or 1), where)
     inp = meta.get("input") or {}
     size = inp.get("size") if isinstance(inp, Mapping) else None
     if not isinstance(size, list) or not size or model_resizes(meta):
