@@ -51,7 +51,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
