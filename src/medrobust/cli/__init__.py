@@ -96,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from medrobust import progress
+
+    quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
     try:
-        return int(modules[args.command].run(args))  # type: ignore[attr-defined]
+        with progress.shown(not quiet):  # long loops report their steps on stderr
+            return int(modules[args.command].run(args))  # type: ignore[attr-defined]
     except CLIError as err:
         print(f"medrobust {args.command}: error: {cli_wording(str(err))}", file=sys.stderr)
         return 2

@@ -219,9 +219,12 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as e:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        what = f"{ts.name} " if ts is not None and ts.is_compressed else ""
+        detail = " ".join(str(e).split())[:300]
         raise DataError(
-            f"{path}: cannot decode the pixel data ({type(e).__name__}: {e}); the file may be "
-            "truncated, or compressed with a codec that is not installed"
+            f"{path}: cannot decode the {what}pixel data ({type(e).__name__}: {detail}); the file "
+            "may be truncated, or compressed with a codec that is not installed"
         ) from e
     return np.asarray(arr)
 
