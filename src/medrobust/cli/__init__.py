@@ -40,11 +40,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # Python argument names in messages from library code, and the flags that say the same thing
 _FLAG_WORDING = (
     (r"\(--trust-code on the command line, trust_code=True in Python\)", "(--trust-code)"),
-    (r"overwrite=True", "--overwrite"),
-    (r"pass overwrite", "use --overwrite"),
-    (r"with overwrite", "with --overwrite"),
-    (r"use overwrite", "use --overwrite"),
-    (r"trust_code=True", "--trust-code"),
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\bpass overwrite\b", "use --overwrite"),
+    (r"\bwith overwrite\b", "with --overwrite"),
+    (r"\buse overwrite\b", "use --overwrite"),
+    (r"\btrust_code=True\b", "--trust-code"),
 )
 
 

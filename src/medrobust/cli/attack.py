@@ -480,7 +480,10 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- bounds: the model's, widened to hold the scan, within what the file can store
     rlo, rhi = grid.value_range()
-    lo, hi = max(min(mlo, xmin), rlo), min(max(mhi, xmax), rhi)
+    # the float32 tensor the model sees may round an extreme value outward by an ulp
+    lo32, hi32 = float(xm.min()), float(xm.max())
+    lo = max(min(mlo, xmin, lo32), min(rlo, lo32))
+    hi = min(max(mhi, xmax, hi32), max(rhi, hi32))
     notes: list[str] = []
     if rescale is not None:
         notes.append(f"--rescale {rescale.description} ({model_units}); written back in the "

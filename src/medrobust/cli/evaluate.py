@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for b in budgets:
             check_eps(b.value, args.norm, loaded.bounds, int(data.images[0].numel()),
-                      flag=f"--eps {b.label}")
+                      flag="--eps")
     except MismatchError as err:
         raise CLIError(str(err)) from None
 
