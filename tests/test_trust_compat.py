@@ -58,8 +58,9 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def _attack(model: Path, inp: Path, tmp: Path, eps: str = "2/255", *extra: str) -> list[str]:
-    return ["attack", "--model", str(model), "--input", str(inp), "--out",
-            str(tmp / f"adv{''.join(inp.suffixes)}"), "--eps", eps, "--steps", "1", "--json", *extra]
+    out = tmp / f"adv{''.join(inp.suffixes)}"
+    return ["attack", "--model", str(model), "--input", str(inp), "--out", str(out),
+            "--eps", eps, "--steps", "1", "--json", *extra]
 
 
 # --------------------------------------------------------------------------- input size

@@ -103,7 +103,7 @@ def test_keep_uids_keeps_the_identity(models: dict[str, Path], tmp_path: Path,
 def test_mark_derived_one_new_series_for_a_series() -> None:
     base = pydicom.dcmread(_ct_small())
     slices = []
-    for i in range(3):
+    for _ in range(3):
         ds = base.copy()
         ds.SOPInstanceUID = generate_uid()
         slices.append(ds)

@@ -120,7 +120,8 @@ def peek_size(path: str | os.PathLike[str]) -> tuple[int, tuple[int, ...]]:
         if fmt == "nifti":
             import nibabel as nib
 
-            shape = tuple(int(v) for v in nib.load(str(p)).header.get_data_shape())
+            header: Any = nib.load(str(p)).header
+            shape = tuple(int(v) for v in header.get_data_shape())
             return int(np.prod(shape)), shape
         if fmt == "dicom":
             import pydicom
