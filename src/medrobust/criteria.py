@@ -3,9 +3,15 @@
 A criterion knows the labels (or targets) of a batch. ``loss(logits, index)`` returns a per-sample
 loss that the attacker *maximizes*; ``is_adversarial(logits, index)`` says which samples meet the
 goal. ``index`` selects the rows of the batch the logits belong to (attacks work on active subsets).
+
+A user passes a criterion to an attack unbound (``attack(model, x, y, criterion=FindingFlip(3))``);
+the attack binds it to the batch's labels, target and the attack's loss with :meth:`Criterion.bind`.
+Without ``criterion=`` the model kind chooses (``model.default_criterion``).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +29,33 @@ def _margin(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 class Criterion:
     """Base class: the labels of the batch and the loss used to reach the goal."""
 
-    def __init__(self, labels: torch.Tensor, loss: str = "ce") -> None:
+    targeted: bool = False
+    """Whether the criterion needs a target (``attack(..., target=...)``)."""
+    labels: torch.Tensor
+    """The batch's labels (set by :meth:`bind`; ``None`` on an unbound criterion)."""
+
+    def __init__(self, labels: torch.Tensor | None = None, loss: str = "ce") -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-        self.labels = labels
+        self.labels = labels  # type: ignore[assignment]
         self.loss_name = loss
+
+    def bind(self, labels: torch.Tensor, target: torch.Tensor | None, loss: str) -> Criterion:
+        """A copy of this criterion for one batch: its labels, its target and the attack's loss."""
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if self.targeted and target is None:
+            raise ValueError(f"{type(self).__name__} is a targeted criterion: pass target=")
+        if not self.targeted and target is not None:
+            raise ValueError(
+                f"{type(self).__name__} is an untargeted criterion but a target was given"
+            )
+        bound = copy.copy(self)
+        bound.labels = labels
+        bound.loss_name = loss
+        if target is not None:
+            bound.target = target  # type: ignore[attr-defined]
+        return bound
 
     def to(self, device: torch.device) -> Criterion:
         raise NotImplementedError
@@ -67,9 +95,17 @@ class TargetedMisclassification(Criterion):
     """Targeted: the prediction must be the target class. The CE loss is ``-CE(z, t)``; the margin
     loss ``z_t - max_{j != t} z_j``."""
 
-    def __init__(self, labels: torch.Tensor, target: torch.Tensor, loss: str = "ce") -> None:
+    targeted = True
+    target: torch.Tensor
+
+    def __init__(
+        self,
+        labels: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        loss: str = "ce",
+    ) -> None:
         super().__init__(labels, loss)
-        self.target = target
+        self.target = target  # type: ignore[assignment]
 
     def to(self, device: torch.device) -> TargetedMisclassification:
         return TargetedMisclassification(
@@ -87,3 +123,83 @@ class TargetedMisclassification(Criterion):
 
     def is_adversarial(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1) == self.target[index]
+
+
+class FindingFlip(Criterion):
+    """Multi-label classifiers (one logit per finding, present when > 0): the attack flips
+    findings.
+
+    Args:
+        finding: the index of the one finding to flip, or ``None`` for every finding.
+        require: with ``finding=None``, ``"any"`` (default: success once any finding is flipped,
+            i.e. the report is no longer exactly right) or ``"all"`` (every finding flipped).
+
+    Untargeted, labels are the true 0/1 findings ``(N, F)`` and the goal is to flip them; targeted
+    (``attack(..., target=t)`` with 0/1 findings ``t``), the goal is to make the selected findings
+    equal ``t``. The loss is the binary cross-entropy away from the labels (towards the target);
+    ``"margin"`` uses the signed logits instead (C&W's margin for each finding), and the per-sample
+    loss is the sum over the selected findings, clipped at the goal for those already reached so
+    that the remaining ones get the gradient.
+    """
+
+    def __init__(
+        self,
+        finding: int | None = None,
+        require: str = "any",
+        labels: torch.Tensor | None = None,
+        loss: str = "ce",
+    ) -> None:
+        super().__init__(labels, loss)
+        if finding is not None and (isinstance(finding, bool) or int(finding) < 0):
+            raise ValueError(f"finding must be a finding index >= 0 or None; got {finding!r}")
+        if require not in ("any", "all"):
+            raise ValueError(f"require must be 'any' or 'all'; got {require!r}")
+        self.finding = None if finding is None else int(finding)
+        self.require = require
+        self.target: torch.Tensor | None = None
+
+    def bind(self, labels: torch.Tensor, target: torch.Tensor | None, loss: str) -> Criterion:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if self.finding is not None and self.finding >= labels.shape[1]:
+            raise ValueError(
+                f"finding {self.finding} does not exist: the labels have {labels.shape[1]} findings"
+            )
+        bound = copy.copy(self)
+        bound.labels, bound.target, bound.loss_name = labels, target, loss
+        return bound
+
+    def to(self, device: torch.device) -> FindingFlip:
+        out = copy.copy(self)
+        out.labels = self.labels.to(device)
+        out.target = None if self.target is None else self.target.to(device)
+        return out
+
+    def _goal(self, index: torch.Tensor) -> torch.Tensor:
+        """The 0/1 value each finding should take, ``(n, F)``."""
+        if self.target is not None:
+            return self.target[index]
+        return 1 - self.labels[index]
+
+    def _select(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.finding is None else v[:, self.finding : self.finding + 1]
+
+    def margin(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        sign = self._goal(index).to(logits.dtype) * 2 - 1  # +1: the logit must become > 0
+        m = self._select(logits * sign)
+        return m.amax(1) if self.require == "any" or self.finding is not None else m.amin(1)
+
+    def loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        goal = self._goal(index).to(logits.dtype)
+        if self.loss_name == "ce":
+            per = -F.binary_cross_entropy_with_logits(logits, goal, reduction="none")
+        else:
+            per = logits * (goal * 2 - 1)
+            per = per.clamp_max(0.0) if self.finding is None else per
+        return self._select(per).sum(1)
+
+    def is_adversarial(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        reached = self._select((logits > 0).long() == self._goal(index))
+        if self.finding is not None or self.require == "any":
+            return reached.any(1)
+        return reached.all(1)

@@ -20,8 +20,9 @@ class AttackResult:
         success: bool ``(N,)``: the model's decision on ``adversarial`` meets the goal
             (untargeted: prediction != label; targeted: prediction == target). A sample the model
             already misclassifies counts as a success with a zero perturbation.
-        predictions: int64 ``(N,)``: the model's predictions on ``adversarial``.
-        labels: int64 ``(N,)``: the true labels.
+        predictions: int64: the model's decisions on ``adversarial`` (``(N,)`` classes, ``(N, F)``
+            findings of a multi-label classifier).
+        labels: int64: the true labels, in the same form.
         target: int64 ``(N,)`` target classes of a targeted attack, else ``None``.
         perturbation_norms: per-sample "linf", "l2", "l1", "l0" (changed input elements) and
             "pixels" (changed pixels or voxels, all channels of one position counting once).
@@ -45,13 +46,18 @@ class AttackResult:
 
     @property
     def success_rate(self) -> float:
-        """Fraction of samples for which the goal is met."""
+        """Fraction of *all* samples whose returned input meets the goal (a sample already
+        misclassified counts as a success with a zero perturbation). The evaluation reports the
+        success over the correctly classified samples separately, as ``success_on_correct``."""
         return float(self.success.float().mean())
 
     @property
     def robust_accuracy(self) -> float:
         """Fraction of samples still classified correctly on ``adversarial``."""
-        return float((self.predictions == self.labels).float().mean())
+        same = self.predictions == self.labels
+        if same.dim() > 1:  # findings or label maps: correct only when all of them are
+            same = same.reshape(same.shape[0], -1).all(1)
+        return float(same.float().mean())
 
     def __len__(self) -> int:
         return int(self.success.shape[0])

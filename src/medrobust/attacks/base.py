@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from medrobust.criteria import LOSSES, Criterion, Misclassification, TargetedMisclassification
-from medrobust.models import Classifier
+from medrobust.criteria import LOSSES, Criterion
+from medrobust.models.base import Model, check_capabilities
 from medrobust.norms import Norm, batch_view, get_norm, measure_all
 from medrobust.results import AttackResult
 
@@ -40,19 +42,20 @@ class AttackContext:
     """Everything an attack's ``run`` needs for one call, with the model evaluations counted.
 
     Attributes:
-        model: the :class:`~medrobust.models.Classifier` (already in eval mode).
+        model: the model (a :class:`~medrobust.models.base.Model`, already in eval mode).
         x: the clean inputs on the model's device in its dtype ``(N, ...)``; never modify it.
-        labels, target: int64 ``(N,)`` (``target`` is ``None`` for untargeted attacks).
+        labels, target: int64, ``(N,)`` classes (or the model kind's form: ``(N, F)`` findings,
+            label maps); ``target`` is ``None`` for untargeted attacks.
         criterion: the goal, with the chosen loss.
         mask: ``None`` or a 0/1 tensor of ``x``'s shape: 1 where the perturbation is allowed.
         bounds: ``(lo, hi)``.
-        num_classes: the number of classes the model outputs.
+        num_classes: the number of classes (findings) the model outputs per sample.
         generator: the attack's random generator (CPU); draw with :meth:`rand` / :meth:`randn`.
     """
 
     def __init__(
         self,
-        model: Classifier,
+        model: Model,
         x: torch.Tensor,
         labels: torch.Tensor,
         target: torch.Tensor | None,
@@ -145,6 +148,14 @@ class Attack(ABC):
 
     name: str = "attack"
     supports_targeted: bool = True
+    requires_gradients: bool = True
+    """Needs input gradients (a black box or a label-only model is refused)."""
+    requires_scores: bool = True
+    """Needs real-valued outputs (a label-only model is refused)."""
+    supports_multilabel: bool = False
+    """Handles multi-label classifiers (any criterion with a loss: the gradient loop)."""
+    supports_dense: bool = False
+    """Handles dense outputs (segmenters: per-pixel losses and dense criteria)."""
     spatial_ranks: tuple[int, ...] | None = None
     """The spatial ranks (1 = signals, 2 = images, 3 = volumes) the method makes sense for;
     ``None`` means any."""
@@ -200,26 +211,32 @@ class Attack(ABC):
     # --------------------------------------------------------------- __call__
     def __call__(
         self,
-        model: Classifier,
+        model: Model,
         inputs: torch.Tensor,
-        labels: torch.Tensor,
-        target: torch.Tensor | None = None,
+        labels: Any,
+        target: Any = None,
         mask: torch.Tensor | None = None,
+        criterion: Criterion | None = None,
     ) -> AttackResult:
         """Attack ``model`` on ``inputs`` (in the model's units) with true ``labels``.
 
         Args:
-            model: a :class:`~medrobust.models.Classifier`.
-            inputs: ``(N, C, ...)`` float tensor inside ``model.bounds``; 1D, 2D and 3D alike.
-            labels: ``(N,)`` true classes.
-            target: ``(N,)`` target classes; makes the attack targeted.
+            model: a model kind (:class:`~medrobust.models.Classifier`, ...) implementing the
+                contract of :class:`~medrobust.models.base.Model`.
+            inputs: ``(N, C, ...)`` float tensor inside ``model.bounds``; 1D, 2D and 3D alike;
+                float16/bfloat16 inputs are attacked in float32 and the result is rounded inward.
+            labels: the truth for the model's output kind: ``(N,)`` classes, ``(N, F)`` findings.
+            target: the same form; makes the attack targeted.
             mask: broadcastable to ``inputs``; nonzero where the perturbation is allowed.
+            criterion: what "adversarial" means (unbound, e.g. ``FindingFlip(3)``); by default the
+                model kind's (misclassification, or classification as ``target``).
         """
-        if not isinstance(model, Classifier):
+        if not isinstance(model, Model):
             raise TypeError(
-                f"model must be a medrobust.Classifier; got {type(model).__name__}. Wrap your "
-                "network: medrobust.Classifier(module, bounds=(lo, hi))"
+                f"model must be a medrobust model (Classifier, ...); got {type(model).__name__}. "
+                "Wrap your network: medrobust.Classifier(module, bounds=(lo, hi))"
             )
+        check_capabilities(self, model)
         model.check_inputs(inputs)
         rank = inputs.dim() - 2
         if self.spatial_ranks is not None and rank not in self.spatial_ranks:
@@ -228,41 +245,31 @@ class Attack(ABC):
                 f"dimensions; got shape {tuple(inputs.shape)} ({rank} spatial)"
             )
         n = int(inputs.shape[0])
-        device, dtype = model.device, model.dtype
-        y = _check_classes(labels, n, "labels")
-        t = None if target is None else _check_classes(target, n, "target")
+        device, dtype = model.device, model.work_dtype
+        y = model.check_labels(labels, n, "labels")
+        t = None if target is None else model.check_labels(target, n, "target")
         if t is not None and not self.supports_targeted:
             raise ValueError(
                 f"{type(self).__name__} is an untargeted attack; call it without target"
             )
+        if criterion is not None and not isinstance(criterion, Criterion):
+            raise TypeError(
+                f"criterion must be a medrobust.criteria.Criterion; got {type(criterion).__name__}"
+            )
         m = _check_mask(mask, inputs)
+        self._check_budget_scale(model, inputs)
 
         gen, used_seed = _new_generator(self.seed, self.generator)
         x = inputs.detach().to(device=device, dtype=dtype)
         with model.attack_mode():
-            num_classes = model.num_classes
-            ctx_forward = 0
-            if num_classes is None:
-                num_classes = int(model.logits(x[:1]).shape[1])
-                ctx_forward = 1
-            _check_range(y, num_classes, "labels")
-            if t is not None:
-                _check_range(t, num_classes, "target")
-                same = (t == y).nonzero().flatten()
-                if same.numel():
-                    raise ValueError(
-                        f"target equals the label for {same.numel()} sample(s) "
-                        f"(indices {same[:10].tolist()}); a targeted attack needs target != label"
-                    )
+            num_classes, ctx_forward = model.num_outputs(x)
+            model.check_label_values(y, t, num_classes)
             y_dev = y.to(device)
             t_dev = None if t is None else t.to(device)
-            criterion: Criterion = (
-                Misclassification(y_dev, self.loss)
-                if t_dev is None
-                else TargetedMisclassification(y_dev, t_dev, self.loss)
-            )
+            spec = criterion if criterion is not None else model.default_criterion(t is not None)
+            crit = spec.bind(y_dev, t_dev, self.loss)
             m_dev = None if m is None else m.to(device=device, dtype=dtype)
-            ctx = AttackContext(model, x, y_dev, t_dev, criterion, m_dev, num_classes, gen)
+            ctx = AttackContext(model, x, y_dev, t_dev, crit, m_dev, num_classes, gen)
             ctx.forward_passes = ctx_forward
             eps = self._budget(n, device)
             out = self.run(ctx)
@@ -272,23 +279,26 @@ class Attack(ABC):
                 # keep untouched elements bit-identical to the caller's tensor
                 final = torch.where(adv_w == x, inputs.to(device), final)
             final = final.clamp(*model.bounds)
-            # The logits an attack computed on its own sub-batches are reused only when they are
+            if _is_lower_precision(inputs.dtype, dtype):
+                final = _round_inward(final, inputs.to(device), adv_w, x, eps,
+                                      self._norm_for_budget())
+            # The outputs an attack computed on its own sub-batches are reused only when they are
             # for exactly the returned tensor and no sample sits on a decision tie: there, float
-            # noise from another batch composition could flip the argmax (minimum-norm attacks end
-            # on the boundary by design), so the whole returned batch is evaluated once more, as
-            # a user checking ``model.logits(adversarial)`` would.
+            # noise from another batch composition could flip the decision (minimum-norm attacks
+            # end on the boundary by design), so the whole returned batch is evaluated once more,
+            # as a user checking ``model.logits(adversarial)`` would.
             if (
                 logits is None
                 or bool(_rows_differ(final.to(dtype), adv_w).any())
-                or bool(_near_tie(logits).any())
+                or bool(model.near_tie(logits).any())
             ):
                 logits = ctx.logits(final.to(dtype))
             index = ctx.all_index()
-            success = criterion.is_adversarial(logits, index).cpu()
-            predictions = logits.argmax(1).cpu()
+            success = crit.is_adversarial(logits, index).cpu()
+            predictions = model.predictions(logits).cpu()
 
         final = final.to(inputs.device)
-        norms = {k: v.cpu() for k, v in measure_all(final - inputs).items()}
+        norms = {k: v.cpu() for k, v in measure_all(final.to(dtype) - inputs.to(dtype)).items()}
         config = self.config()
         if used_seed is not None:
             config["seed"] = used_seed
@@ -304,6 +314,24 @@ class Attack(ABC):
             attack=config,
             extra=out.extra,
         )
+
+    def _check_budget_scale(self, model: Model, inputs: torch.Tensor) -> None:
+        """Warn when a budget cannot be meant: at or above the whole range of the bounds."""
+        eps = getattr(self, "eps", None)
+        norm = self._norm_for_budget()
+        if eps is None or norm is None:
+            return
+        e = float(eps.max()) if isinstance(eps, torch.Tensor) else float(eps)
+        per = int(inputs[0].numel())
+        limit = {"linf": 1.0, "l2": math.sqrt(per), "l1": float(per)}.get(norm.name)
+        if limit is not None and e >= model.span * limit:
+            scale = "" if norm.name == "linf" else f" x ||1|| = {model.span * limit:g}"
+            warnings.warn(
+                f"{type(self).__name__}: eps={e:g} ({norm.name}) is at or above the whole range of "
+                f"the model's bounds {model.bounds} (span {model.span:g}{scale}): every input is "
+                "reachable; did you mean a budget in the model's units?",
+                stacklevel=3,
+            )
 
     def _enforce(
         self, ctx: AttackContext, out: RunOutput, eps: torch.Tensor | None
@@ -385,7 +413,11 @@ class MinimumNormAttack(Attack):
 
 
 # ------------------------------------------------------------------ validation helpers
-def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
+def _check_eps(eps: Any) -> float | torch.Tensor:
+    if isinstance(eps, np.generic):
+        eps = eps.item()
+    elif isinstance(eps, np.ndarray):
+        eps = torch.from_numpy(eps.astype(np.float64)) if eps.ndim else eps.item()
     if isinstance(eps, torch.Tensor):
         if eps.dim() > 1:
             raise ValueError(f"eps must be a number or a 1-D tensor (one per sample); got shape "
@@ -397,34 +429,14 @@ def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
             raise ValueError(f"eps must be >= 0; got min {float(e.min()):g}")
         return e if e.dim() == 1 else float(e)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a number or a tensor; got {type(eps).__name__}")
+        raise TypeError(
+            f"eps must be a number, a numpy scalar/array or a tensor; got {type(eps).__name__}"
+        )
     if not math.isfinite(eps):
         raise ValueError(f"eps must be finite; got {eps}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0; got {eps}")
     return float(eps)
-
-
-def _check_classes(v: Any, n: int, name: str) -> torch.Tensor:
-    t = torch.as_tensor(v)
-    if t.dim() == 2 and t.shape[1] == 1:
-        t = t[:, 0]
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be one class index per sample, shape ({n},); got shape "
-                         f"{tuple(t.shape)}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be integer class indices; got dtype {t.dtype}")
-    if t.shape[0] != n:
-        raise ValueError(f"{name} has {t.shape[0]} entries but the batch has {n} inputs")
-    return t.detach().long().cpu()
-
-
-def _check_range(t: torch.Tensor, num_classes: int, name: str) -> None:
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(
-            f"{name} must lie in [0, {num_classes - 1}] (the model has {num_classes} classes); "
-            f"got values in [{int(t.min())}, {int(t.max())}]"
-        )
 
 
 def _check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -443,15 +455,6 @@ def _check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     return (m != 0).to(inputs.dtype)
 
 
-def _near_tie(logits: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
-    """Samples whose two largest logits are closer than ``rtol`` times the logits' scale."""
-    if logits.shape[1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    top2 = logits.topk(2, dim=1).values
-    scale = 1.0 + logits.abs().amax(1)
-    return (top2[:, 0] - top2[:, 1]) <= rtol * scale
-
-
 def _rows_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a != b).reshape(a.shape[0], -1).any(1)
 
@@ -459,3 +462,40 @@ def _rows_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def as_batch(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample ``(N,)`` values broadcastable against ``like``."""
     return batch_view(v, like)
+
+
+def _is_lower_precision(dtype: torch.dtype, work: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(work).eps
+
+
+def _round_inward(
+    final: torch.Tensor,
+    inputs: torch.Tensor,
+    adv_w: torch.Tensor,
+    x_w: torch.Tensor,
+    eps: torch.Tensor | None,
+    norm: Norm | None,
+) -> torch.Tensor:
+    """Round a perturbation computed in float32 into a lower-precision input dtype *inward*.
+
+    Each element whose rounded change is larger than the computed change is moved one ulp back
+    towards the clean value, so that every norm of the rounded perturbation is at most that of the
+    computed one; a sample still over its budget as measured in the input's dtype (where even the
+    subtraction rounds) is shrunk until it fits."""
+    w = x_w.dtype
+    grew = (final.to(w) - x_w).abs() > (adv_w - x_w).abs()
+    if grew.any():
+        final = torch.where(grew, torch.nextafter(final, inputs), final)
+    if eps is None or norm is None:
+        return final
+    for _ in range(8):
+        over = norm.measure((final - inputs).to(w)) > eps
+        if not over.any():
+            break
+        idx = over.nonzero().flatten()
+        d = (final[idx] - inputs[idx]).to(w)
+        shrunk = (inputs[idx].to(w) + d * (1 - 2 * torch.finfo(final.dtype).eps)).to(final.dtype)
+        shrunk = torch.where(shrunk == final[idx], torch.nextafter(shrunk, inputs[idx]), shrunk)
+        final = final.clone()
+        final[idx] = shrunk
+    return final

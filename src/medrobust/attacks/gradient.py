@@ -34,6 +34,7 @@ class _Best:
     def __init__(self, x: torch.Tensor, num_classes: int) -> None:
         n = x.shape[0]
         self.adv = x.clone()
+        # (N, K) for classifiers; allocated on the first update for other output shapes
         self.logits = torch.zeros(n, num_classes, device=x.device, dtype=x.dtype)
         self.loss = torch.full((n,), float("-inf"), device=x.device, dtype=x.dtype)
         self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -41,6 +42,10 @@ class _Best:
 
     def update(self, index: torch.Tensor, xa: torch.Tensor, logits: torch.Tensor,
                loss: torch.Tensor, success: torch.Tensor) -> None:
+        if logits.shape[1:] != self.logits.shape[1:]:
+            self.logits = torch.zeros(
+                (self.adv.shape[0], *logits.shape[1:]), device=logits.device, dtype=logits.dtype
+            )
         old_s = self.success[index]
         better = (success & ~old_s) | ((success == old_s) & (loss >= self.loss[index]))
         if not better.any():
@@ -81,6 +86,8 @@ class GradientAttack(FixedBudgetAttack):
     """
 
     name = "gradient"
+    supports_multilabel = True
+    supports_dense = True
 
     def __init__(
         self,

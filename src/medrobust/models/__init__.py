@@ -1,11 +1,26 @@
 """Model kinds under attack: one contract, several wrappers.
 
-Every model kind (a :class:`Classifier`; next a segmenter, a detector, a black box, an ensemble)
-lives in its own module of this package and is re-exported here.
+:class:`~medrobust.models.base.Model` is the contract (bounds, preprocessing, chunked forward,
+input-only gradients, eval mode restored, output kind and capability flags); each model kind lives
+in its own module of this package and is re-exported here.
 """
 
 from __future__ import annotations
 
-from medrobust.models.classifier import Classifier, LossFn
+from medrobust.models.base import (
+    Capabilities,
+    LossFn,
+    Model,
+    ModelOutputError,
+    check_capabilities,
+)
+from medrobust.models.classifier import Classifier
 
-__all__ = ["Classifier", "LossFn"]
+__all__ = [
+    "Capabilities",
+    "Classifier",
+    "LossFn",
+    "Model",
+    "ModelOutputError",
+    "check_capabilities",
+]
