@@ -5,6 +5,7 @@ front, naming the file."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_mark_derived_one_new_series_for_a_series() -> None:
     base = pydicom.dcmread(_ct_small())
     slices = []
     for _ in range(3):
-        ds = base.copy()
+        ds = copy.deepcopy(base)
         ds.SOPInstanceUID = generate_uid()
         slices.append(ds)
     before = [ds.SOPInstanceUID for ds in slices]
@@ -113,6 +114,7 @@ def test_mark_derived_one_new_series_for_a_series() -> None:
     assert len({ds.SeriesInstanceUID for ds in marked}) == 1
     assert marked[0].SeriesInstanceUID != base.SeriesInstanceUID
     assert len({ds.SOPInstanceUID for ds in marked}) == 3
+    assert len(set(before)) == 3
     assert [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in marked] == before
 
 
@@ -148,7 +150,7 @@ def _series(folder: Path, n: int = 3) -> Path:
     src = pydicom.dcmread(_ct_small())
     folder.mkdir(parents=True)
     for i in range(n):
-        ds = src.copy()
+        ds = copy.deepcopy(src)
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [-158.0, -179.0, -75.0 + 5.0 * i]
         ds.SOPInstanceUID = generate_uid()

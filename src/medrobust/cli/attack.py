@@ -71,8 +71,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="attack one image or volume (DICOM, NIfTI, PNG, .npy) and write it back",
         description=(
             "Attack one image or volume with a saved model and write the adversarial version in "
-            "the same format (every DICOM element but the pixel data kept), plus a side-by-side "
-            "PNG. The budget --eps is in the model's input units (--units), e.g. HU for CT."
+            "the same format, marked as derived (a DICOM gets new UIDs, ImageType "
+            "DERIVED\\SECONDARY and a DerivationDescription; other elements kept), plus a "
+            "side-by-side PNG. The budget --eps is in the model's input units (--units), e.g. HU "
+            "for CT."
         ),
     )
     p.add_argument("--model", required=True, help="saved model folder (model.json + weights)")

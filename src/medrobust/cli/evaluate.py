@@ -156,16 +156,6 @@ def run(args: argparse.Namespace) -> int:
         out = Path("evaluations") / f"{model_dir.resolve().name}-{stem}-{args.split}"
     else:
         out = Path(args.out).expanduser()
-    if args.overwrite and (out / "figures").is_dir():
-        # --overwrite replaces the results medrobust wrote; figures/ is removed whole, so it
-        # must hold nothing but figures (never a user's other files)
-        other = sorted(p.name for p in (out / "figures").iterdir()
-                       if not (p.is_file() and p.suffix.lower() == ".png"))
-        if other:
-            raise CLIError(
-                f"--out {out}: figures/ holds files medrobust did not write ({', '.join(other)});"
-                " it is never replaced, even with --overwrite: move them away first"
-            )
     units = loaded.units
     if not args.quiet:
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
