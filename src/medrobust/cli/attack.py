@@ -6,12 +6,14 @@
 
 The model folder's preprocessing (an intensity window, a resize) runs inside the wrapper, so the
 attack works on the file's own values: Hounsfield units for CT DICOM, [0, 1] intensities for a PNG
-(``level / 255``), the stored values for NIfTI and ``.npy`` (in the units given by ``--units``).
+(``level / 255``), the stored values for NIfTI and ``.npy`` (in the model's units, or mapped into
+them by ``--rescale``).
 
 The adversarial version is written in the input's format (``.dcm``, ``.nii``/``.nii.gz``,
 ``.png``, ``.npy``; a folder holding one DICOM series is attacked as a volume and written as a new
-folder of slices) with everything but the pixel data kept (DICOM elements, NIfTI affine and
-header, PNG mode and text chunks, ``.npy`` dtype and shape), in the file's own storage type. The
+folder of slices) with everything but the pixel data and the derivation marks below kept (DICOM
+elements, NIfTI affine and header, PNG mode and text chunks, ``.npy`` dtype and shape), in the
+file's own storage type. The
 attack runs in float; its result is then snapped to the values the file can store *and
 re-projected onto the budget on that grid* (:meth:`medrobust.io.Grid.snap`), so that the file
 written satisfies ``|change| <= eps`` exactly, in the file's units. The written file is read back
