@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medrobust.models import Classifier, Segmenter
+from medrobust.models import BlackBox, Classifier, Ensemble, Segmenter
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
+from medrobust.transfer import TransferResult, transfer
 
 __version__ = "0.1.0"
 
@@ -26,12 +27,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AttackResult",
+    "BlackBox",
     "Classifier",
+    "Ensemble",
     "L1",
     "L2",
     "Linf",
     "Segmenter",
+    "TransferResult",
     "evaluate",
     "get_norm",
+    "transfer",
     "__version__",
 ]
