@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medrobust.models import Classifier
+from medrobust.models import Classifier, Detector
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
 
@@ -24,4 +24,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'medrobust' has no attribute {name!r}")
 
 
-__all__ = ["AttackResult", "Classifier", "L1", "L2", "Linf", "evaluate", "get_norm", "__version__"]
+__all__ = ["AttackResult", "Classifier", "Detector", "L1", "L2", "Linf", "evaluate", "get_norm", "__version__"]

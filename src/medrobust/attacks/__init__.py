@@ -16,6 +16,7 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
+from medrobust.attacks.detection import DAGDetection
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
 from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
@@ -35,6 +36,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "dagdetection": DAGDetection,
 }
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "DAGDetection",
     "DeepFool",
     "EAD",
     "FGSM",

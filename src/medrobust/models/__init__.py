@@ -15,12 +15,16 @@ from medrobust.models.base import (
     check_capabilities,
 )
 from medrobust.models.classifier import Classifier
+from medrobust.models.detector import Detector, load_detector, save_detector
 
 __all__ = [
     "Capabilities",
     "Classifier",
+    "Detector",
     "LossFn",
     "Model",
     "ModelOutputError",
     "check_capabilities",
+    "load_detector",
+    "save_detector",
 ]
