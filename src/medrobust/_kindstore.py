@@ -87,7 +87,7 @@ def read_kind_folder(
         raise ModelError(f"{jpath}: not a medrobust model file")
     found = doc.get("kind") or ("segmenter" if doc.get("task") == "segmentation" else "classifier")
     if found != kind:
-        raise ModelError(f"{d}: this folder holds a {found}, not a {kind}")
+        raise ModelError(f"{d}: this folder holds a {found} model, not a {kind} model")
     version = doc.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(f"{jpath}: format_version {version!r} is newer than this medrobust reads")

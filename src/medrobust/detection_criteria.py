@@ -113,9 +113,12 @@ class DetectionCriterion(Criterion):
             empty = outputs.new_zeros(0)
             return empty, empty.long()
         iou = box_iou(outputs[i, :, k:].detach().float(), row[:, : 2 * dims].float())  # (A, M)
-        anchor, which = torch.where(iou >= self.proposal_iou)
+        anchor, which = torch.where(iou >= self._target_iou())
         cls = row[which, 2 * dims].long()
         return outputs[i, anchor, cls], which
+
+    def _target_iou(self) -> float:
+        return self.proposal_iou
 
     def _matched(self, dets: torch.Tensor, boxes: torch.Tensor, i: int) -> torch.Tensor:
         """Per given box of image ``i``: matched by a detection of its class (bool, (M,))."""
@@ -137,7 +140,12 @@ class BoxesVanish(DetectionCriterion):
     IoU >= ``iou_thresh``. An image without true boxes counts as a success.
 
     Loss (DAG with the adversarial label "background" for every proposal of a true box):
-    ``-sum_{proposals} relu(logit_l - logit(score_thresh) + margin)``."""
+    ``-sum_{proposals} relu(logit_l - logit(score_thresh) + margin)``; the proposals are the
+    anchors whose box overlaps a true box by ``min(proposal_iou, iou_thresh)``, so that every
+    anchor that could still count as finding the box is a target."""
+
+    def _target_iou(self) -> float:
+        return min(self.proposal_iou, self.iou_thresh)
 
     def loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         boxes = self.labels[index]

@@ -230,6 +230,15 @@ class Detector(Model):
             )
         return out
 
+    def check_inputs(self, x: torch.Tensor, name: str = "inputs") -> None:
+        super().check_inputs(x, name)
+        if x.dim() != self.spatial_dims + 2:
+            what = "(N, C, H, W)" if self.spatial_dims == 2 else "(N, C, D, H, W)"
+            raise ValueError(
+                f"{name} have shape {tuple(x.shape)} but the detector is {self.spatial_dims}-D "
+                f"and expects {what}"
+            )
+
     # ------------------------------------------------------------------ the task
     def check_labels(self, labels: Any, n: int, name: str = "labels") -> torch.Tensor:
         if isinstance(labels, torch.Tensor) and labels.dim() == 3 \
