@@ -1,4 +1,4 @@
-"""The detector wrapper (MONAI RetinaNet), box utilities, detection criteria and DAG on detection."""
+"""The detector (MONAI RetinaNet), box utilities, detection criteria and DAG on detection."""
 
 from __future__ import annotations
 
@@ -232,5 +232,5 @@ def test_detector_folder_round_trip(trained2d, tmp_path):
     assert det2.selection == res.detector.selection
     from medrobust.tamper import load_generator
 
-    with pytest.raises(ModelError, match="holds a detector model"):
+    with pytest.raises(ModelError, match="holds a detector model; expected one of kind"):
         load_generator(tmp_path / "det")

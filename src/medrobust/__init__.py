@@ -24,4 +24,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'medrobust' has no attribute {name!r}")
 
 
-__all__ = ["AttackResult", "Classifier", "Detector", "L1", "L2", "Linf", "evaluate", "get_norm", "__version__"]
+__all__ = [
+    "AttackResult", "Classifier", "Detector", "L1", "L2", "Linf", "evaluate", "get_norm",
+    "__version__",
+]

@@ -38,7 +38,8 @@ def write_kind_folder(
     meta: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Write ``module``'s weights and a ``model.json`` with ``kind``, the architecture and ``meta``."""
+    """Write ``module``'s weights and a ``model.json`` with ``kind``, the architecture and
+    ``meta``."""
     from safetensors.torch import save_file
 
     from medrobust.modelstore import _jsonable, _version
@@ -87,7 +88,7 @@ def read_kind_folder(
         raise ModelError(f"{jpath}: not a medrobust model file")
     found = doc.get("kind") or ("segmenter" if doc.get("task") == "segmentation" else "classifier")
     if found != kind:
-        raise ModelError(f"{d}: this folder holds a {found} model, not a {kind} model")
+        raise ModelError(f"{d}: this folder holds a {found} model; expected one of kind {kind!r}")
     version = doc.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(f"{jpath}: format_version {version!r} is newer than this medrobust reads")
@@ -95,7 +96,7 @@ def read_kind_folder(
     if not isinstance(arch, dict) or not isinstance(arch.get("args", {}), dict):
         raise ModelError(f"{jpath}: 'architecture' must be an object with 'name' and 'args'")
     name = arch.get("name")
-    if name not in builders:
+    if not isinstance(name, str) or name not in builders:
         raise ModelError(
             f"{jpath}: unknown {kind} architecture {name!r}; known: {', '.join(sorted(builders))}"
         )

@@ -9,9 +9,10 @@ MONAI's detection code (``monai.apps.detection``) works on ``(B, C, H, W, D)`` w
 ``[xmin, ymin, zmin, xmax, ymax, zmax]`` along ``(H, W, D)``; :func:`to_monai_boxes` and
 :func:`from_monai_boxes` convert (2D is the same in both).
 
-Labels of a detection batch are a list of per-image dicts ``{"boxes": (M, 2*dims), "labels": (M,)}``;
-inside attacks they travel packed as one float tensor ``(N, M_max, 2*dims + 1)`` (box, then class;
-class ``-1`` marks padding): :func:`pack_boxes` / :func:`unpack_boxes`.
+Labels of a detection batch are a list of per-image dicts
+``{"boxes": (M, 2*dims), "labels": (M,)}``; inside attacks they travel packed as one float
+tensor ``(N, M_max, 2*dims + 1)`` (box, then class; class ``-1`` marks
+padding): :func:`pack_boxes` / :func:`unpack_boxes`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def boxes_from_masks(masks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     for m in masks:
         nz = m.nonzero()
         if nz.numel() == 0:
-            out.append({"boxes": torch.zeros((0, 2 * dims)), "labels": torch.zeros(0, dtype=torch.long)})
+            out.append({"boxes": torch.zeros((0, 2 * dims)),
+                        "labels": torch.zeros(0, dtype=torch.long)})
             continue
         lo = nz.min(0).values.float()
         hi = nz.max(0).values.float() + 1

@@ -6,9 +6,10 @@ plus each box's ``num_candidates`` best anchors as in ATSS, Zhang et al., CVPR 2
 0.3), the sigmoid focal loss (alpha 0.25, gamma 2) over all matched and negative anchors normalised
 by the positives, and a smooth-L1 loss on the encoded box offsets of the positives (MONAI's
 ``BoxCoder``). MONAI's own training path needs torchvision, which medrobust does not depend on.
-It is trained on phantoms in HU whose lesion masks give the boxes (:func:`medrobust.boxes.boxes_from_masks`). Inputs are mapped
-to [0, 1] by a soft-tissue window inside the :class:`~medrobust.models.detector.Detector`, so budgets
-stay in HU. It is scored by its sensitivity at a fixed number of false positives per volume
+It is trained on phantoms in HU whose lesion masks give the boxes
+(:func:`medrobust.boxes.boxes_from_masks`). Inputs are mapped to [0, 1] by a soft-tissue window
+inside the :class:`~medrobust.models.detector.Detector`, so budgets stay in HU. It is scored
+by its sensitivity at a fixed number of false positives per volume
 (:func:`medrobust.boxes.sensitivity_at_fp`).
 """
 
@@ -87,7 +88,9 @@ def train_detector(
     from medrobust.training import seeded
 
     if images.dim() not in (4, 5):
-        raise ValueError(f"images must be (N, C, H, W) or (N, C, D, H, W); got {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be (N, C, H, W) or (N, C, D, H, W); got {tuple(images.shape)}"
+        )
     if len(boxes) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(boxes)} box lists")
     if epochs < 1 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):

@@ -1,10 +1,10 @@
 """The detector under attack: MONAI's RetinaNet, boxes and scores out, 2D and 3D.
 
 RetinaNet (Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017)
-as built by MONAI (``monai.apps.detection.networks.retinanet_detector.RetinaNetDetector``; Baumgartner
-et al., "nnDetection", MICCAI 2021, for the medical setting): a feature pyramid, a classification
-head giving one sigmoid logit per anchor and class, a regression head giving box offsets, and a box
-selector (score threshold, top-k, class-wise NMS).
+as built by MONAI (``monai.apps.detection.networks.retinanet_detector.RetinaNetDetector``;
+Baumgartner et al., "nnDetection", MICCAI 2021, for the medical setting): a feature pyramid, a
+classification head giving one sigmoid logit per anchor and class, a regression head giving box
+offsets, and a box selector (score threshold, top-k, class-wise NMS).
 
 :class:`Detector` wraps a ``RetinaNetDetector`` so that attacks can use it like any model kind:
 
@@ -88,11 +88,11 @@ class _PyramidFeatures(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, width: int, out_channels: int) -> None:
         super().__init__()
+        from monai.networks.blocks.convolutions import ResidualUnit
         from monai.networks.blocks.feature_pyramid_network import (
             FeaturePyramidNetwork,
             LastLevelMaxPool,
         )
-        from monai.networks.blocks.convolutions import ResidualUnit
 
         w = width
         self.stem = ResidualUnit(spatial_dims, in_channels, w, strides=2, norm="batch")
@@ -152,13 +152,15 @@ class Detector(Model):
                 )
         super().__init__(module, bounds, mean, std, preprocess, chunk_size, device)
         sel = getattr(module, "box_selector", None)
-        self.num_classes = int(module.num_classes)
-        self.spatial_dims = int(module.spatial_dims)
+        m: Any = module
+        self.num_classes = int(m.num_classes)
+        self.spatial_dims = int(m.spatial_dims)
         self.score_thresh = float(score_thresh if score_thresh is not None
                                   else getattr(sel, "score_thresh", 0.05))
         self.nms_thresh = float(nms_thresh if nms_thresh is not None
                                 else getattr(sel, "nms_thresh", 0.5))
-        self.topk = int(topk if topk is not None else getattr(sel, "topk_candidates_per_level", 1000))
+        self.topk = int(topk if topk is not None
+                        else getattr(sel, "topk_candidates_per_level", 1000))
         self.max_detections = int(max_detections if max_detections is not None
                                   else getattr(sel, "detections_per_img", 300))
         if not 0.0 < self.score_thresh < 1.0:

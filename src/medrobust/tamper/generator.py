@@ -59,10 +59,11 @@ class ConditionalInpainter(nn.Module):
         if not 2 <= hole < cube:
             raise ValueError(f"hole must lie in [2, cube); got {hole} for cube {cube}")
         self.cube, self.hole = int(cube), int(hole)
-        self.net = UNet(
+        self.net: nn.Module = UNet(
             spatial_dims=3, in_channels=3, out_channels=1, channels=list(channels),
             strides=[2] * (len(channels) - 1), num_res_units=1, norm="instance",
         )
+        self.quantiles: torch.Tensor
         self.register_buffer("quantiles", torch.linspace(-1024.0, 3071.0, int(levels)))
 
     @property

@@ -1,5 +1,5 @@
-"""Tampering a CT volume as CT-GAN does: cut, in-paint, rescale to HU, paste with blending, touch up,
-and optionally refine adversarially so that a given detector or segmenter agrees.
+"""Tampering a CT volume as CT-GAN does: cut, in-paint, rescale to HU, paste with blending, touch
+up, and optionally refine adversarially so that a given detector or segmenter agrees.
 
 Mirsky et al., "CT-GAN", USENIX Security 2019, Section 4.3 (injection/removal pipeline): the cube
 centred on the location is cut, equalized and its centre masked; the generator in-paints it with

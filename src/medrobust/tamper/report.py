@@ -40,8 +40,8 @@ def write_report_png(
     z, y, _ = (int(v) for v in location)
     lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
     fig, axes = plt.subplots(2, 3, figsize=(10, 7))
-    views = [("axial z=%d" % z, lambda v: v[z], (1, 2), 0, z),
-             ("coronal y=%d" % y, lambda v: v[:, y], (0, 2), 1, y)]
+    views = [(f"axial z={z}", lambda v: v[z], (1, 2), 0, z),
+             (f"coronal y={y}", lambda v: v[:, y], (0, 2), 1, y)]
     for row, (name, take, (ax_r, ax_c), axis, idx) in enumerate(views):
         for col, (vol, boxes, seg, what) in enumerate(
             [(before, boxes_before, seg_before, "before"), (after, boxes_after, seg_after, "after")]

@@ -109,7 +109,9 @@ def train_inpainter(
     if cubes.dim() != 5 or cubes.shape[1] != 1 or len(set(cubes.shape[2:])) != 1:
         raise ValueError(f"cubes must be (M, 1, c, c, c); got {tuple(cubes.shape)}")
     if conditions.shape != (cubes.shape[0],):
-        raise ValueError(f"{cubes.shape[0]} cubes but conditions of shape {tuple(conditions.shape)}")
+        raise ValueError(
+            f"{cubes.shape[0]} cubes but conditions of shape {tuple(conditions.shape)}"
+        )
     if steps < 1 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
         raise ValueError("steps and batch_size must be >= 1 and lr > 0")
     c = int(cubes.shape[2])
