@@ -232,5 +232,25 @@ def test_detector_folder_round_trip(trained2d, tmp_path):
     assert det2.selection == res.detector.selection
     from medrobust.tamper import load_generator
 
-    with pytest.raises(ModelError, match="holds a detector model; expected one of kind"):
+    with pytest.raises(ModelError, match="kind 'detector'; expected kind 'inpainting-generator'"):
         load_generator(tmp_path / "det")
+
+
+def test_train_cli_detection(tmp_path, capsys):
+    from medrobust.cli import main
+
+    out = tmp_path / "det"
+    rc = main(["train", "--task", "detection", "--data", "phantom", "--size", "32", "--limit",
+               "32", "--epochs", "1", "--out", str(out)])
+    assert rc == 0
+    assert "sensitivity at 1 FP/volume" in capsys.readouterr().out
+    det = load_detector(out)
+    assert det.spatial_dims == 2 and det.num_classes == 1 and det.bounds == (-1024.0, 3071.0)
+    import json
+
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["kind"] == "detector"
+    assert 0.0 <= meta["training"]["test_sensitivity_at_1fp"]["sensitivity"] <= 1.0
+    rc = main(["train", "--task", "detection", "--data", "pneumoniamnist", "--out",
+               str(tmp_path / "x")])
+    assert rc == 2 and "has no boxes" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_generator_folder_of_the_wrong_kind(generator_dir, series, tmp_path, cap
     (wrong / "model.json").write_text(json.dumps(clf))
     rc, err = _tamper(["--input", str(root / "free"), "--generator", str(wrong), "--inject",
                        "--at", "16,16,16", "--out", str(tmp_path / "o")], capsys)
-    assert rc == 2 and "holds a classifier model" in err and "inpainting-generator" in err
+    assert rc == 2 and "kind 'classifier'; expected kind 'inpainting-generator'" in err
     # an unregistered architecture is refused (files are data, never code)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -224,3 +224,20 @@ def test_generator_folder_of_the_wrong_kind(generator_dir, series, tmp_path, cap
     with pytest.raises(ModelError, match="unknown inpainting-generator architecture"):
         load_generator(bad)
     assert not Path(tmp_path / "o").exists()
+
+
+def test_train_cli_inpaint(tmp_path, capsys):
+    out = tmp_path / "G"
+    rc = main(["train", "--task", "inpaint", "--data", "phantom3d", "--size", "48", "--limit", "4",
+               "--epochs", "1", "--out", str(out)])
+    assert rc == 0
+    gen = load_generator(out)
+    assert gen.cube == 32 and gen.hole == 16
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["kind"] == "inpainting-generator" and meta["architecture"]["name"] == "ctgan-unet3d"
+    # the equalizer was fitted on the training cubes (not the placeholder ramp)
+    assert float(gen.quantiles[0]) < -900 and float(gen.quantiles[-1]) < 1000
+    from medrobust.models.detector import load_detector
+
+    with pytest.raises(ModelError, match="kind 'inpainting-generator'; expected kind 'detector'"):
+        load_detector(out)

@@ -88,7 +88,9 @@ def read_kind_folder(
         raise ModelError(f"{jpath}: not a medrobust model file")
     found = doc.get("kind") or ("segmenter" if doc.get("task") == "segmentation" else "classifier")
     if found != kind:
-        raise ModelError(f"{d}: this folder holds a {found} model; expected one of kind {kind!r}")
+        raise ModelError(
+            f"{d}: this folder holds a model of kind {found!r}; expected kind {kind!r}"
+        )
     version = doc.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(f"{jpath}: format_version {version!r} is newer than this medrobust reads")

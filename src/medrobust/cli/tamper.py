@@ -177,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--cube {args.cube}: the generator in-paints {gen.cube}^3 cubes")
     vol = series.images[0, 0]
     mode = "inject" if args.inject else "remove"
+    sp = series.spacing
+    if sp is not None and max(sp) > 1.5 * min(sp):
+        print(f"medrobust tamper: note: the series' voxels are {tuple(round(v, 2) for v in sp)} "
+              "mm (not isotropic); the cube is cut in voxels, without CT-GAN's resampling to "
+              "1 mm", flush=True)
     try:
         res = tamper_volume(vol, at, gen, mode, seed=args.seed, bounds=series.bounds)
     except ValueError as err:

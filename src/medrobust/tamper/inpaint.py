@@ -8,6 +8,10 @@ scan. Here the paste blends the in-painted hole into its surroundings with a cos
 ``blend`` voxels, and the touch-up adds white noise so that the hole's high-frequency noise matches
 the cube's surroundings (a generator's output is smoother than a scanner's).
 
+CT-GAN first resamples the scan to 1 mm isotropic voxels; here the cube is cut in voxels as they
+are (the phantoms are 1 mm isotropic), and ``medrobust tamper`` says so when a series' spacing is
+not isotropic.
+
 Refinement (not in CT-GAN; the issue's extension): a few steps of targeted dense PGD inside the
 hole's cube within an HU budget — towards a detection box at the location (inject) or the
 vanishing of detections there (remove) for a detector (:class:`~medrobust.attacks.detection.
