@@ -227,12 +227,11 @@ def sensitivity_at_fp(
         raise ValueError(f"{len(detections)} detection lists for {len(truths)} volumes")
     nvol = len(truths)
     n_true = sum(int(t["boxes"].shape[0]) for t in truths)
-    # match at each candidate threshold: rank all detections, add them one by one
+    # rank all detections; at each distinct score, match what is kept so far
     items = []
-    for v, (d, t) in enumerate(zip(detections, truths, strict=True)):
+    for v, d in enumerate(detections):
         for j in range(d["boxes"].shape[0]):
             items.append((float(d["scores"][j]), v, j))
-        del t
     items.sort(key=lambda r: -r[0])
     best = {"sensitivity": 0.0, "threshold": float("inf"), "fp_per_volume": 0.0}
     kept: dict[int, list[int]] = {}
