@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medrobust.models import Classifier, Detector
+from medrobust.models import BlackBox, Classifier, Detector, Ensemble
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
+from medrobust.transfer import TransferResult, transfer
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AttackResult", "Classifier", "Detector", "L1", "L2", "Linf", "evaluate", "get_norm",
+    "AttackResult",
+    "BlackBox",
+    "Classifier",
+    "Detector",
+    "Ensemble",
+    "L1",
+    "L2",
+    "Linf",
+    "TransferResult",
+    "evaluate",
+    "get_norm",
+    "transfer",
     "__version__",
 ]

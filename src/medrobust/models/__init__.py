@@ -14,16 +14,21 @@ from medrobust.models.base import (
     ModelOutputError,
     check_capabilities,
 )
+from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
 from medrobust.models.detector import Detector, load_detector, save_detector
+from medrobust.models.ensemble import Ensemble
 
 __all__ = [
+    "BlackBox",
     "Capabilities",
     "Classifier",
     "Detector",
+    "Ensemble",
     "LossFn",
     "Model",
     "ModelOutputError",
+    "QueryBudget",
     "check_capabilities",
     "load_detector",
     "save_detector",
