@@ -18,8 +18,8 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
-from medrobust.attacks.detection import DAGDetection
 from medrobust.attacks.decision import HopSkipJump
+from medrobust.attacks.detection import DAGDetection
 from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
