@@ -20,6 +20,7 @@ from medrobust.attacks.base import (
 )
 from medrobust.attacks.decision import HopSkipJump
 from medrobust.attacks.dense import DAG, CosPGD
+from medrobust.attacks.detection import DAGDetection
 from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
@@ -48,6 +49,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "dagdetection": DAGDetection,
     "hopskipjump": HopSkipJump,
     "simba": SimBA,
     "difgsm": DIFGSM,
@@ -101,6 +103,7 @@ __all__ = [
     "CarliniWagnerL2",
     "CosPGD",
     "DAG",
+    "DAGDetection",
     "DDN",
     "DIFGSM",
     "DeepFool",

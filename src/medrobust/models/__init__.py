@@ -16,6 +16,7 @@ from medrobust.models.base import (
 )
 from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
+from medrobust.models.detector import Detector, load_detector, save_detector
 from medrobust.models.ensemble import Ensemble
 from medrobust.models.segmenter import Segmenter, SlidingWindow
 
@@ -23,6 +24,7 @@ __all__ = [
     "BlackBox",
     "Capabilities",
     "Classifier",
+    "Detector",
     "Ensemble",
     "LossFn",
     "Model",
@@ -31,4 +33,6 @@ __all__ = [
     "Segmenter",
     "SlidingWindow",
     "check_capabilities",
+    "load_detector",
+    "save_detector",
 ]
