@@ -9,7 +9,6 @@ so that it can be replaced by the shared DICOM-derivation function of :mod:`medr
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -20,28 +19,14 @@ __all__ = ["derive", "write_tampered_series"]
 
 
 def derive(datasets: list[Any], description: str) -> list[Any]:
-    """Copies of ``datasets`` with a derived identity (see the module docstring)."""
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import generate_uid
+    """Copies of ``datasets`` with a derived identity (:func:`medrobust.data.dicom.mark_derived`:
+    new SOP and Series UIDs, ``DERIVED\\SECONDARY``, ``DerivationDescription``,
+    ``SourceImageSequence``) and a series description that says the series was tampered with."""
+    from medrobust.data.dicom import mark_derived
 
-    series = generate_uid()
-    out = []
-    for ds0 in datasets:
-        ds = copy.deepcopy(ds0)
-        src = Dataset()
-        src.ReferencedSOPClassUID = ds0.get("SOPClassUID", "")
-        src.ReferencedSOPInstanceUID = ds0.get("SOPInstanceUID", "")
-        ds.SourceImageSequence = DicomSequence([src])
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        if hasattr(ds, "file_meta"):
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.SeriesInstanceUID = series
-        ds.ImageType = ["DERIVED", "SECONDARY"]
-        ds.DerivationDescription = description[:1024]
+    out = mark_derived(datasets, description)
+    for ds, ds0 in zip(out, datasets, strict=True):
         ds.SeriesDescription = ("TAMPERED " + str(ds0.get("SeriesDescription", "")))[:64]
-        out.append(ds)
     return out
 
 
