@@ -373,7 +373,8 @@ def test_untargeted_attacks_on_a_segmenter(seg2d: Seg) -> None:
     x, y = seg2d.x[:8], seg2d.y[:8]
     clean = _lesion_dice(seg2d.model, x, y)
     for attack in (FGSM(8 / 255), BIM(8 / 255), MIFGSM(8 / 255), PGD(8 / 255, steps=10, seed=0),
-                   CosPGD(8 / 255, steps=10, seed=0), DAG(8 / 255, max_iter=50)):
+                   APGD(8 / 255, steps=10, seed=0), CosPGD(8 / 255, steps=10, seed=0),
+                   DAG(8 / 255, max_iter=50)):
         res = attack(seg2d.model, x, y, criterion=DiceBelow(1, 0.5))
         assert res.dice is not None
         assert float(res.dice[:, 1].nanmean()) < clean - 0.2, type(attack).__name__
@@ -390,7 +391,7 @@ def test_attacks_without_dense_support_refuse_a_segmenter(seg2d: Seg) -> None:
     x, y = seg2d.x[:1], seg2d.y[:1]
     for attack in (DeepFool(), CarliniWagnerL2(steps=2, binary_search_steps=1), EAD(steps=2),
                    LBFGS(), DDN(), FMN(), ALMA(), FAB(), JSMA(), OnePixel(), StAdv(),
-                   APGD(8 / 255), Square(8 / 255)):
+                   Square(8 / 255)):
         with pytest.raises(TypeError, match="supports_dense"):
             attack(seg2d.model, x, y)
     assert isinstance(get_attack("dag", eps=0.1), DAG)
