@@ -25,7 +25,7 @@ from typing import Any
 
 from medrobust.cli import CLIError
 
-DEFAULT_EPS = "0,0.5/255,1/255,2/255,4/255,8/255"
+DEFAULT_EPS = "0,0.5/255,1/255,2/255,4/255,8/255"  # for [0, 1] models; see default_budgets
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -47,9 +47,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "plus) (default: standard)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2", "l1"],
                    help="the norm of the budgets (default: linf)")
-    p.add_argument("--eps", default=DEFAULT_EPS,
+    p.add_argument("--eps", default=None,
                    help=f"comma-separated budgets in the model's input units, fractions allowed "
-                        f"(default: {DEFAULT_EPS})")
+                        f"(default: from the model's units: {DEFAULT_EPS} for [0, 1] images, "
+                        "0,1,2,4,8,16 for HU)")
     p.add_argument("--out", default=None,
                    help="output folder (default: evaluations/<model>-<data>-<split>)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
@@ -69,6 +70,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="replace the results already in the output folder")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model folder whose architecture names Python code "
+                        "(package.module:function) to import and run it; only for folders whose "
+                        "author you trust (default: off, only registered networks are built)")
     return p  # type: ignore[no-any-return]
 
 
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.queries is not None and args.queries < 1:
         raise CLIError(f"--queries must be >= 1; got {args.queries}")
     try:
-        budgets = parse_budgets(args.eps)
+        budgets = None if args.eps is None else parse_budgets(args.eps)
     except EvaluationError as err:
         raise CLIError(str(err)) from None
     attacks = [a.strip() for a in args.attacks.split(",")]
@@ -127,12 +132,28 @@ def run(args: argparse.Namespace) -> int:
     from medrobust.modelstore import ModelError, load_model
 
     try:
-        loaded = load_model(model_dir, device=args.device)
+        loaded = load_model(model_dir, device=args.device, trust_code=args.trust_code)
     except ModelError as err:
         raise CLIError(str(err)) from None
     except RuntimeError as err:  # e.g. an unavailable device
         raise CLIError(f"{model_dir}: cannot load the model on {args.device!r} ({err})") from None
     data = _load_data(args.data, args.split, args.limit)
+    from medrobust.compat import MismatchError, check_eps, check_evaluation
+    from medrobust.evaluation.budgets import default_budgets
+
+    if budgets is None:  # from the model's units: HU get HU, [0, 1] images fractions of 255
+        budgets = (parse_budgets(DEFAULT_EPS) if loaded.bounds == (0.0, 1.0) and args.norm ==
+                   "linf" else default_budgets(loaded.bounds, args.norm, loaded.units))
+    try:
+        check_evaluation(loaded, data)
+    except MismatchError as err:
+        raise CLIError(f"--model {model_dir} / --data {args.data}: {err}") from None
+    try:
+        for b in budgets:
+            check_eps(b.value, args.norm, loaded.bounds, int(data.images[0].numel()),
+                      flag="--eps")
+    except MismatchError as err:
+        raise CLIError(str(err)) from None
 
     if args.out is None:
         stem = Path(str(args.data)).name.split(".")[0] or "data"
@@ -140,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out).expanduser()
     units = loaded.units
+    if loaded.segmenter is not None:  # a segmenter: Dice under attack (evaluation.segmentation)
+        return _run_segmentation(args, loaded, data, attacks, budgets, out)
     if not args.quiet:
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
               f"{args.norm} budgets in {units}: {', '.join(b.label for b in budgets)}",
@@ -160,4 +183,30 @@ def run(args: argparse.Namespace) -> int:
     print(f"units computed: {run_info['units_computed']}, reused: {run_info['units_reused']}")
     print(f"report: {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _run_segmentation(args: argparse.Namespace, loaded: Any, data: Any, attacks: list[str],
+                      budgets: Any, out: Path) -> int:
+    """``medrobust evaluate`` on a segmentation model (default attacks: pgd, cospgd, dag)."""
+    from medrobust.evaluation import EvaluationError
+    from medrobust.evaluation.segmentation import (
+        RESULTS_FILE,
+        evaluate_segmentation,
+        summary_lines,
+    )
+
+    names = ["pgd", "cospgd", "dag"] if args.attacks == "standard" else attacks
+    try:
+        doc = evaluate_segmentation(
+            loaded, data, names, eps=budgets, norm=args.norm, out=out,
+            batch_size=args.batch_size, seed=args.seed, steps=args.steps,
+            progress=not args.quiet, resume=not args.overwrite,
+        )
+    except EvaluationError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
+    print("\n".join(summary_lines(doc)))
+    print(f"results: {out / RESULTS_FILE}")
     return 0
