@@ -196,6 +196,12 @@ def test_default_budgets_follow_the_units(tmp_path: Path,
                  "--gallery", "0"]) in (0,), capsys.readouterr().err
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["config"]["eps_labels"] == ["0", "1", "2", "4", "8", "16"]
+    # the Python API, without eps, on the same folder: the same HU budgets
+    from medrobust.evaluation import evaluate
+
+    py = evaluate(str(model), data.subset(slice(0, 4)), attacks=["fgsm"],
+                  out=None, gallery=0, progress=False)
+    assert py.results["config"]["eps_labels"] == ["0", "1", "2", "4", "8", "16"]
 
 
 # --------------------------------------------------------------------------- --units, --rescale

@@ -41,13 +41,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=256, help="samples used (default 256)")
     p.add_argument("--attack", default="pgd", help="a gradient attack name (default pgd)")
     p.add_argument("--eps", required=True, help="budget in the models' units, e.g. 4/255")
-    p.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"))
+    p.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"),
+                   help="the budget's norm")
     p.add_argument("--steps", type=int, default=None, help="attack iterations (attack default)")
     p.add_argument("--combine", default="logits", choices=("logits", "loss"),
                    help="how the hold-one-out ensemble fuses its members (default logits)")
     p.add_argument("--no-ensemble", action="store_true", help="skip the ensemble table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="the attack's seed")
+    p.add_argument("--batch-size", type=int, default=128, help="samples attacked at once")
     p.add_argument("--out", required=True, help="output folder (results.json, report.html)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
     return p  # type: ignore[no-any-return]

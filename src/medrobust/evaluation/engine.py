@@ -167,9 +167,10 @@ def evaluate(
             a corrupted ``results.sqlite``.
     """
     from medrobust import __version__
+    from medrobust.compat import check_evaluation
     from medrobust.evaluation.schema import SCHEMA_VERSION
 
-    __import__("medrobust.compat").compat.check_evaluation(model, data)  # model/data fit
+    check_evaluation(model, data)  # model/data fit, one clear line each
     started = time.time()
     started_iso = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     norm_name = _check_args(norm, batch_size, seed, direction)
@@ -181,7 +182,9 @@ def evaluate(
     common = {"steps": steps, "n_queries": queries}
     specs = build_attack_specs(attacks, norm_name, attack_kwargs, common,
                                num_classes=k, multilabel=multilabel)
-    budgets = default_budgets(clf.bounds, norm_name) if eps is None else parse_budgets(eps)
+    units = info.metadata.get("units") or getattr(data, "units", None)
+    budgets = (default_budgets(clf.bounds, norm_name, units) if eps is None
+               else parse_budgets(eps))
     numel = int(data.images[0].numel())
     big = large_budget(clf.bounds, norm_name, numel) if large_eps else None
     if big is not None and any(b.value >= big.value for b in budgets):

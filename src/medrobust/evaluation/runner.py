@@ -121,7 +121,7 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
 
     ``clean_all``: the clean pass of an earlier run over all samples, for a plan without clean
     units (a follow-up)."""
-    from tqdm.auto import tqdm
+    from medrobust.progress import Progress
 
     span = float(clf.bounds[1] - clf.bounds[0])
     # test hook: seconds to sleep after each computed unit (lets a test kill a run mid-way)
@@ -130,8 +130,8 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
     offsets: dict[str, list[int]] = {}
     out = Collected()
     nb = plan.batches
-    bar = tqdm(total=len(plan), disable=not settings.progress, unit="unit", desc="evaluate",
-               dynamic_ncols=True, file=sys.stderr)
+    # a bar in a terminal, a line every few seconds when stderr is redirected
+    bar = Progress("evaluate", len(plan), unit="unit", show=settings.progress)
     num_classes = 0
     try:
         for b in range(nb):
@@ -145,7 +145,7 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
                 clean = {k: v[sl] for k, v in clean_all.items()}
                 num_classes = int(clean["probs"].shape[1])
             for unit in plan.units(b):
-                bar.set_postfix_str(f"batch {b + 1}/{nb} {unit.describe()}", refresh=False)
+                note = f"batch {b + 1}/{nb} {unit.describe()}"
                 rec = store.get(settings.unit_hash, unit.name, unit.eps_key, b) \
                     if settings.resume else None
                 if rec is None:
@@ -179,7 +179,7 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
                 key = f"{unit.name}|{unit.eps_key}"
                 parts.setdefault(key, []).append(rec)
                 offsets.setdefault(key, []).append(sl.start)
-                bar.update(1)
+                bar.update(1, note)
     finally:
         bar.close()
     if settings.progress:

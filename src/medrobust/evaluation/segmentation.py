@@ -248,7 +248,8 @@ def evaluate_segmentation(
         raise EvaluationError(f"batch_size must be a positive integer; got {batch_size!r}")
     norm_name = str(norm).lower()
     specs = _specs(attacks, norm_name, attack_kwargs, steps, criterion)
-    budgets = default_budgets(seg.bounds, norm_name) if eps is None else parse_budgets(eps)
+    budgets = (default_budgets(seg.bounds, norm_name, getattr(data, "units", None))
+               if eps is None else parse_budgets(eps))
     labels = data.labels.to(torch.int64)
     seg.check_inputs(data.images[:1])
     with seg.attack_mode():
