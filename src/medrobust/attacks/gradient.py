@@ -82,6 +82,11 @@ class GradientAttack(FixedBudgetAttack):
         early_stop: stop updating samples as soon as they are adversarial.
         momentum: the decay ``mu`` of MI-FGSM's accumulated, L1-normalized gradient (0 = none).
         l1_sparsity: fraction of coordinates moved per step under L1 (Tramer & Boneh's q).
+        bpda: against a defended model, run each non-differentiable defense straight-through with
+            its backward approximation (BPDA, Athalye et al., ICML 2018).
+        eot: average the gradient over this many draws of a randomized defense (Expectation over
+            Transformation, Athalye et al., ICML 2018); each draw counts as a forward and a
+            backward pass.
         seed, generator: the randomness of the random start.
     """
 
@@ -103,6 +108,8 @@ class GradientAttack(FixedBudgetAttack):
         early_stop: bool = False,
         momentum: float = 0.0,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -117,6 +124,8 @@ class GradientAttack(FixedBudgetAttack):
             raise ValueError(f"rel_step_size must be > 0; got {rel_step_size!r}")
         if not 0.0 <= momentum:
             raise ValueError(f"momentum must be >= 0; got {momentum!r}")
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"eot must be a positive integer; got {eot!r}")
         if isinstance(self.norm, L1):
             self.norm = L1(l1_sparsity)
         self.steps = steps
@@ -127,6 +136,8 @@ class GradientAttack(FixedBudgetAttack):
         self.early_stop = bool(early_stop)
         self.momentum = float(momentum)
         self.l1_sparsity = float(l1_sparsity)
+        self.bpda = bool(bpda)
+        self.eot = eot
 
     def _steps_per_sample(self, eps: torch.Tensor) -> torch.Tensor:
         if self.step_size is not None:
@@ -223,6 +234,8 @@ class FGSM(GradientAttack):
         step_size: float | None = None,
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -230,7 +243,7 @@ class FGSM(GradientAttack):
             eps, norm, steps=1, step_size=step_size,
             rel_step_size=1.25 if random_start else 1.0,
             random_start=random_start, restarts=1, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
         )
 
 
@@ -253,13 +266,15 @@ class BIM(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=False, restarts=1, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
         )
 
 
@@ -282,13 +297,15 @@ class PGD(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
         )
 
 
@@ -311,13 +328,15 @@ class MIFGSM(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=1.0 / steps,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
-            momentum=momentum, l1_sparsity=l1_sparsity, seed=seed, generator=generator,
+            momentum=momentum, l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
         )
 
 
