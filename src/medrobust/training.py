@@ -42,6 +42,8 @@ from medrobust.models import Classifier
 
 ExampleGenerator = Callable[[Classifier, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(wrapper, x, y) -> x_used``: the inputs to train on for the batch ``(x, y)``."""
+Objective = Callable[[Classifier, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(wrapper, x, y) -> (loss, logits)``: the training loss of a batch (TRADES, AdvProp ...)."""
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("multistep", "cosine", "none")
@@ -221,6 +223,7 @@ def train(
     log_path: str | os.PathLike[str] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     eval_batch_size: int = 512,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``module`` on ``train_data``; keep the state with the best validation AUC.
 
@@ -243,6 +246,11 @@ def train(
         log_path: write one JSON line of metrics per epoch there (``metrics.jsonl``).
         on_epoch_end: called with each epoch's metrics dict.
         eval_batch_size: batch size for validation.
+        objective: ``(wrapper, x, y) -> (loss, logits)`` replaces the cross-entropy of a
+            classification batch (TRADES, mixed and AdvProp training:
+            :mod:`medrobust.defenses.training`); ``logits`` give the training accuracy.
+            An ``example_generator`` or ``objective`` with a ``set_epoch(epoch)`` method is told
+            each epoch (1-based) before it starts (budget warm-up).
 
     Epoch metrics: ``epoch``, ``lr``, ``train_loss``, ``train_acc`` and, with validation data,
     ``val_loss``, ``val_acc``, ``val_auc`` (``val_dice`` for segmentation), ``best``, ``time_s``.
@@ -268,8 +276,9 @@ def train(
             f"validation data ({val_data.task}, {val_data.num_classes} classes) does not match "
             f"the training data ({task}, {train_data.num_classes} classes)"
         )
-    if task == "segmentation" and example_generator is not None:
-        raise ValueError("example_generator is supported for classification tasks only")
+    if task == "segmentation" and (example_generator is not None or objective is not None):
+        raise ValueError("example_generator and objective are supported for classification "
+                         "tasks only")
 
     dev = resolve_device(device)
     module.to(dev)
@@ -319,6 +328,10 @@ def train(
             torch.manual_seed(int(seed))
             for epoch in range(1, int(epochs) + 1):
                 t0 = time.perf_counter()
+                for hook in (example_generator, getattr(objective, "__self__", objective)):
+                    set_epoch = getattr(hook, "set_epoch", None)
+                    if callable(set_epoch):
+                        set_epoch(epoch)
                 perm = torch.randperm(n, generator=order_gen)
                 starts = list(range(0, n, int(batch_size)))
                 if n > 1 and n - starts[-1] == 1:  # a batch of one breaks batch norm
@@ -342,6 +355,10 @@ def train(
                         loss = F.cross_entropy(logits, y)
                         pred_ok = (logits.argmax(1) == y).float().mean(
                             dim=tuple(range(1, y.dim())))
+                    elif objective is not None:
+                        loss, logits = objective(wrapper, x, y)
+                        pred_ok = ((logits > 0) == y.bool()).float().mean(1) if (
+                            task == "multi-label") else (logits.argmax(1) == y).float()
                     elif task == "multi-label":
                         logits = wrapper.forward(x)
                         loss = F.binary_cross_entropy_with_logits(logits, y.float())
@@ -425,6 +442,7 @@ def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "ExampleGenerator",
+    "Objective",
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainResult",

@@ -336,7 +336,8 @@ class MIFGSM(GradientAttack):
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=1.0 / steps,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
-            momentum=momentum, l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
+            momentum=momentum, l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 

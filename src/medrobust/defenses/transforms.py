@@ -391,11 +391,11 @@ class RandomResizePad(Defense):
             first = self.randint(sizes[0], out_sizes[0])
             scale = first / sizes[0]
             new = [first] + [min(o - 1, max(s, round(s * scale)))
-                             for s, o in zip(sizes[1:], out_sizes[1:])]
+                             for s, o in zip(sizes[1:], out_sizes[1:], strict=True)]
             kw = {} if mode == "nearest" else {"align_corners": False}
             y = F.interpolate(x[i : i + 1], size=new, mode=mode, **kw)
             pad: list[int] = []
-            for s, o in zip(reversed(new), reversed(out_sizes)):
+            for s, o in zip(reversed(new), reversed(out_sizes), strict=True):
                 before = self.randint(0, o - s + 1)
                 pad += [before, o - s - before]
             parts.append(F.pad(y, pad, value=lo))
