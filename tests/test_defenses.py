@@ -313,3 +313,39 @@ def test_defended_model_folder_round_trip(tmp_path) -> None:  # type: ignore[no-
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="model.json: defense: unknown defense 'builtins.eval'"):
         load_model(folder)
+
+
+# --------------------------------------------------------------------------- evaluate --adaptive
+def test_evaluate_adaptive_flags_jpeg_as_masking(pneumonia, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from medrobust.cli import main
+    from medrobust.data.base import ImageData
+    from medrobust.evaluation.adaptive import evaluate_adaptive
+    from medrobust.modelstore import load_model, save_model
+
+    net, x, y = pneumonia
+    names = ["normal", "pneumonia"]
+    args = {"in_channels": 1, "num_classes": 2, "width": 8}
+    folder = save_model(tmp_path / "jpeg", net, architecture="smallcnn", arch_args=args,
+                        class_names=names, task="binary",
+                        defense=[get_defense("jpeg", quality=60, approximation="dct")])
+    data = ImageData(x[:48], y[:48], (0.0, 1.0), "intensity", "binary", names)
+    summary = evaluate_adaptive(load_model(folder), data, attacks=["pgd"], out=tmp_path / "ev",
+                                eps=["8/255"], steps=20, progress=False, gallery=0,
+                                large_eps=False)
+    (row,) = summary["rows"]
+    print("evaluate --adaptive:", row["naive"]["value"], row["adaptive"]["value"])
+    assert summary["adaptive_kwargs"] == {"pgd": {"bpda": True}}
+    assert row["naive"]["value"] - row["adaptive"]["value"] > row["threshold"] >= 0.05
+    assert row["masking"] and summary["masking"]
+    saved = json.loads((tmp_path / "ev" / "adaptive.json").read_text())
+    assert saved["rows"][0]["quote_value"] == row["adaptive"]["value"]
+    for part in ("naive", "adaptive"):
+        assert (tmp_path / "ev" / part / "results.json").is_file()
+    # an undefended model: a clear error, exit code 2
+    plain = save_model(tmp_path / "plain", net, architecture="smallcnn", arch_args=args,
+                       class_names=names, task="binary")
+    rc = main(["evaluate", "--model", str(plain), "--data", "phantom-16", "--limit", "8",
+               "--attacks", "pgd", "--adaptive", "--out", str(tmp_path / "ev2"), "--quiet"])
+    assert rc == 2 and "has no defense" in capsys.readouterr().err

@@ -67,6 +67,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="replace the results already in the output folder")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adaptive", action="store_true",
+                   help="defended models: evaluate naively and adaptively (BPDA/EOT) side by side "
+                        "and flag gradient masking (medrobust.evaluation.adaptive)")
+    p.add_argument("--eot", type=int, default=8,
+                   help="with --adaptive: EOT draws for randomized defenses (default: 8)")
     return p  # type: ignore[no-any-return]
 
 
@@ -140,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
               f"{args.norm} budgets in {units}: {', '.join(b.label for b in budgets)}",
               file=sys.stderr)
+    if args.adaptive:
+        return _run_adaptive(args, loaded, data, attacks, budgets, out)
     try:
         result = evaluate(
             loaded, data, attacks=attacks, eps=budgets, norm=args.norm, out=out,
@@ -156,4 +163,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"units computed: {run_info['units_computed']}, reused: {run_info['units_reused']}")
     print(f"report: {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _run_adaptive(args: argparse.Namespace, loaded: Any, data: Any, attacks: list[str],
+                  budgets: Any, out: Path) -> int:
+    from medrobust.evaluation import EvaluationError
+    from medrobust.evaluation.adaptive import evaluate_adaptive, table
+
+    try:
+        summary = evaluate_adaptive(
+            loaded, data, attacks=attacks, out=out, eot=args.eot, eps=budgets, norm=args.norm,
+            batch_size=args.batch_size, seed=args.seed, direction=args.direction,
+            progress=not args.quiet, overwrite=args.overwrite,
+            positive_class=args.positive_class, gallery=args.gallery, steps=args.steps,
+        )
+    except EvaluationError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
+    print(table(summary["rows"]))
+    print(f"naive: {out / 'naive'}; adaptive: {out / 'adaptive'}; "
+          f"comparison: {out / 'adaptive.json'}")
     return 0
