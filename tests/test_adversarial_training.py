@@ -118,3 +118,24 @@ def test_advprop_keeps_two_bn_statistics_and_infers_with_the_clean_one(pneumonia
     assert acc > 0.6
     with pytest.raises(DefenseError, match="add_auxiliary_bn"):
         adv.objective(mr.Classifier(net, num_classes=2), x[:4], y[:4])
+
+
+@pytest.mark.parametrize("method", ["pgd", "advprop"])
+def test_cli_train_adversarial(tmp_path, capsys, method) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from medrobust.cli import main
+    from medrobust.modelstore import load_model
+
+    out = tmp_path / method
+    rc = main(["train", "--data", "phantom", "--size", "16", "--limit", "48", "--epochs", "2",
+               "--batch-size", "16", "--adversarial", method, "--eps", "2/255",
+               "--attack-steps", "2", "--eps-warmup", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    adv = json.loads((out / "model.json").read_text())["training"]["adversarial"]
+    assert adv["method"] == method and adv["eps"] == pytest.approx(2 / 255)
+    assert adv["warmup_epochs"] == 2 and adv["steps"] == 2
+    loaded = load_model(out)  # AdvProp: saved with the main batch norms only
+    assert not any(isinstance(m, DualBatchNorm) for m in loaded.module.modules())
+    rc = main(["train", "--data", "phantom", "--out", str(tmp_path / "x"), "--adversarial", "pgd"])
+    assert rc == 2 and "needs --eps" in capsys.readouterr().err
