@@ -349,3 +349,68 @@ def test_evaluate_adaptive_flags_jpeg_as_masking(pneumonia, tmp_path, capsys) ->
     rc = main(["evaluate", "--model", str(plain), "--data", "phantom-16", "--limit", "8",
                "--attacks", "pgd", "--adaptive", "--out", str(tmp_path / "ev2"), "--quiet"])
     assert rc == 2 and "has no defense" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- learned defenses
+@pytest.fixture(scope="module")
+def pneumonia_train(data_dir):  # type: ignore[no-untyped-def]
+    from conftest import load_npz_split
+
+    x, _ = load_npz_split(data_dir / "pneumoniamnist.npz", "train")
+    return x[:768]
+
+
+def test_dae_denoises_and_round_trips_through_a_model_folder(pneumonia, pneumonia_train,
+                                                             tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from medrobust.modelstore import load_model, save_model
+
+    net, x, y = pneumonia
+    dae = get_defense("dae", width=8)
+    losses = dae.fit(pneumonia_train, sigma=0.1, epochs=4, seed=0)
+    assert losses[-1] < losses[0]
+    g = torch.Generator().manual_seed(0)
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    with torch.no_grad():
+        den = dae(noisy)
+    assert float(((den - x) ** 2).mean()) < 0.6 * float(((noisy - x) ** 2).mean())
+    model = mr.Classifier(net, num_classes=2, defense=dae)
+    folder = save_model(tmp_path / "dae", net, architecture="smallcnn",
+                        arch_args={"in_channels": 1, "num_classes": 2, "width": 8},
+                        class_names=["normal", "pneumonia"], task="binary", defense=model)
+    assert (folder / "defense.safetensors").is_file()
+    loaded = load_model(folder).classifier
+    assert loaded is not None and torch.equal(loaded.logits(x), model.logits(x))
+
+
+def test_hgd_restores_the_models_decisions_on_adversarial_inputs(pneumonia) -> None:  # type: ignore[no-untyped-def]
+    net, x, y = pneumonia
+    model = mr.Classifier(net, num_classes=2)
+    adv = PGD(8 / 255, steps=10, seed=0)(model, x, y).adversarial
+    hgd = get_defense("hgd", width=8)
+    train_i, test_i = slice(0, 64), slice(64, 96)
+    hgd.fit(model, x[train_i], adv[train_i], epochs=15, batch_size=16, seed=0)
+    defended = mr.Classifier(net, num_classes=2, defense=hgd)
+    raw = float((model.predict(adv[test_i]) == y[test_i]).float().mean())
+    den = float((defended.predict(adv[test_i]) == y[test_i]).float().mean())
+    print("HGD: accuracy on held-out PGD examples", raw, "->", den)
+    assert den > raw + 0.2
+    with pytest.raises(DefenseError, match="no submodule 'nope'"):
+        hgd.fit(model, x[:4], adv[:4], layer="nope")
+
+
+def test_defensegan_projects_onto_the_generator(pneumonia, pneumonia_train) -> None:  # type: ignore[no-untyped-def]
+    _, x, _ = pneumonia
+    gan = get_defense("defensegan", latent=8, width=8, restarts=2, steps=30, seed=0)
+    gan.fit(pneumonia_train, epochs=2, seed=0)
+    xs = x[:8]
+    with torch.no_grad():
+        out = gan(xs)
+    assert out.shape == xs.shape and out.min() >= 0 and out.max() <= 1
+    short = get_defense("defensegan", latent=8, width=8, restarts=2, steps=1, seed=0)
+    short.load_state_dict(gan.state_dict())
+    err_long = float(((gan(xs) - xs) ** 2).mean())
+    err_short = float(((short(xs) - xs) ** 2).mean())
+    assert err_long < err_short  # the latent search moves G(z) towards the input
+    assert gan.randomized and not gan.differentiable
+    with pytest.raises(DefenseError, match="built for"):
+        gan(torch.rand(2, 1, 16, 16))

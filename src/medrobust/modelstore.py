@@ -211,6 +211,8 @@ def write_model_files(
         })
     except Exception as err:
         raise ModelError(f"{d / WEIGHTS_FILE}: cannot write the weights ({err})") from err
+    if meta.get("defense", {}).get("weights"):
+        _write_defense_weights(d / meta["defense"]["weights"], defense)
     text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
     (d / MODEL_JSON).write_text(text, encoding="utf-8")
     return meta
@@ -346,7 +348,28 @@ def _defense_config(defense: Any) -> dict[str, Any]:
         chain = as_chain(defense)
     except DefenseError as err:
         raise ModelError(f"defense: {err}") from err
-    return {"steps": [] if chain is None else chain.config(), "votes": int(votes)}
+    out: dict[str, Any] = {"steps": [] if chain is None else chain.config(), "votes": int(votes)}
+    if chain is not None and chain.state_dict():
+        out["weights"] = DEFENSE_WEIGHTS_FILE  # learned defenses (denoisers, generators)
+    return out
+
+
+DEFENSE_WEIGHTS_FILE = "defense.safetensors"
+
+
+def _write_defense_weights(path: Path, defense: Any) -> None:
+    from safetensors.torch import save_file
+
+    from medrobust.defenses import as_chain
+
+    if hasattr(defense, "defense") and hasattr(defense, "module"):
+        defense = defense.defense
+    chain = as_chain(defense)
+    assert chain is not None
+    try:
+        save_file(_state_dict_for_safetensors(chain), str(path), metadata={"format": FORMAT})
+    except Exception as err:
+        raise ModelError(f"{path}: cannot write the defense's weights ({err})") from err
 
 
 def save_model(
@@ -663,6 +686,15 @@ def _load_defense(entry: Any, where: Path | str) -> dict[str, Any]:
         chain = defense_from_config(entry.get("steps", []))
     except DefenseError as err:
         raise ModelError(f"{where}: defense: {err}") from err
+    wname = entry.get("weights")
+    if chain is not None and wname is not None:
+        if not isinstance(wname, str) or Path(wname).name != wname or not isinstance(
+            where, Path
+        ):
+            raise ModelError(f"{where}: 'defense.weights' must be a file name beside model.json")
+        wpath = where.parent / wname
+        load_weights_into(chain, read_weights(wpath), wpath)
+        chain.eval()
     return {} if chain is None else {"defense": chain, "votes": votes}
 
 

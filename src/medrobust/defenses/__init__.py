@@ -11,7 +11,9 @@ non-differentiable defense replaced by its approximation) and ``eot=N`` (gradien
 draws of the defense's randomness), as Athalye et al. (ICML 2018) showed is necessary.
 
 Defenses are registered by name (:data:`DEFENSES`, :func:`register_defense`) so a model folder
-(``model.json``) rebuilds only registered defenses (:func:`defense_from_config`).
+(``model.json``) rebuilds only registered defenses (:func:`defense_from_config`); learned ones
+(``dae``, ``hgd``, ``defensegan``: :mod:`medrobust.defenses.learned`) keep their weights in the
+folder's ``defense.safetensors``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from medrobust.defenses.base import (
     DefenseError,
     as_chain,
     bpda,
+)
+from medrobust.defenses.learned import (
+    DenoisingAutoencoder,
+    GeneratorProjection,
+    HighLevelGuidedDenoiser,
 )
 from medrobust.defenses.transforms import (
     BitDepthReduction,
@@ -44,6 +51,9 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "tvm": TotalVariationMinimization,
     "resize-pad": RandomResizePad,
     "noise": GaussianNoise,
+    "dae": DenoisingAutoencoder,
+    "hgd": HighLevelGuidedDenoiser,
+    "defensegan": GeneratorProjection,
 }
 """Registered defenses: name -> class (called with the options)."""
 
@@ -108,9 +118,12 @@ __all__ = [
     "Defense",
     "DefenseChain",
     "DefenseError",
+    "DenoisingAutoencoder",
     "FeatureSqueezing",
     "GaussianNoise",
     "GaussianSmoothing",
+    "GeneratorProjection",
+    "HighLevelGuidedDenoiser",
     "JPEGCompression",
     "MedianSmoothing",
     "RandomResizePad",
