@@ -56,9 +56,11 @@ class _DenoiserNet(nn.Module):
         self.dec = nn.Sequential(conv(2 * w, w, 3, padding=1), nn.ReLU(),
                                  conv(w, channels, 3, padding=1))
         # a residual denoiser starts close to the identity (a small last layer)
+        last = self.dec[-1]
+        assert isinstance(last, nn.modules.conv._ConvNd) and last.bias is not None
         with torch.no_grad():
-            self.dec[-1].weight.mul_(0.1)
-            self.dec[-1].bias.zero_()
+            last.weight.mul_(0.1)
+            last.bias.zero_()
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         a = self.enc1(u)
