@@ -139,3 +139,31 @@ def test_cli_train_adversarial(tmp_path, capsys, method) -> None:  # type: ignor
     assert not any(isinstance(m, DualBatchNorm) for m in loaded.module.modules())
     rc = main(["train", "--data", "phantom", "--out", str(tmp_path / "x"), "--adversarial", "pgd"])
     assert rc == 2 and "needs --eps" in capsys.readouterr().err
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_weights(pneumonia, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data, _, _ = pneumonia
+    small = data.subset(torch.arange(192))
+
+    def run(checkpoint: object = None, stop_at: int | None = None) -> nn.Module:
+        with seeded(0):
+            net = smallcnn(1, 2, width=4)
+        adv = AdversarialTraining("fgsm-rs", EPS, warmup_epochs=2, seed=0)
+
+        def stop(rec: dict) -> None:  # type: ignore[type-arg]
+            if rec["epoch"] == stop_at:
+                raise KeyboardInterrupt
+
+        train(net, small, epochs=3, batch_size=64, schedule="cosine", seed=0, progress=False,
+              example_generator=adv, checkpoint=checkpoint, on_epoch_end=stop)  # type: ignore[arg-type]
+        return net
+
+    full = run()
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(ck, stop_at=2)  # interrupted during epoch 2's bookkeeping
+    assert torch.load(ck, weights_only=True)["epoch"] == 1
+    resumed = run(ck)
+    assert torch.load(ck, weights_only=True)["epoch"] == 3
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

@@ -81,6 +81,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--trades-beta", type=float, default=6.0, help="TRADES beta (default 6)")
     p.add_argument("--eps-warmup", type=int, default=0,
                    help="epochs over which the budget grows linearly to --eps (default 0)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint file written after every epoch; when it exists, training "
+                        "resumes after its epoch (run the same command again)")
     p.add_argument("--no-test", action="store_true", help="do not evaluate on the test split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
@@ -354,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
                     schedule=args.schedule, seed=args.seed, device=device, mean=mean, std=std,
                     preprocess=preprocess, progress=not args.no_progress,
                     log_path=tmp / "metrics.jsonl", on_epoch_end=show,
-                    **_adversarial_hooks(adversarial),
+                    checkpoint=args.checkpoint, **_adversarial_hooks(adversarial),
                 )
             except FloatingPointError as err:
                 raise CLIError(str(err)) from None

@@ -143,6 +143,14 @@ class AdversarialTraining:
                 "step_size": self.step_size, "beta": self.beta, "mix": self.mix,
                 "warmup_epochs": self.warmup_epochs, "seed": self.seed}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The random state and epoch (saved in training checkpoints)."""
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop at the start of each epoch (1-based): the warm-up."""
         self.epoch = int(epoch)
