@@ -124,6 +124,9 @@ def test_attack_invariants(name, p):
     cls = ATTACKS[name]
     if p["targeted"] and not getattr(cls, "supports_targeted", True):
         p = dict(p, targeted=False)
+    norms = getattr(cls, "supported_norms", None)  # e.g. Square: L-inf and L2 only
+    if norms is not None and p["norm"] not in norms:
+        p = dict(p, norm=norms[0])
     net, model, x, y, target, eps, mask = make_case(p)
     attack = build_attack(name, eps, p["norm"], p["seed"])
     ranks = getattr(cls, "spatial_ranks", None)

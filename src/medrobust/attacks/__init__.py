@@ -1,14 +1,16 @@
 """Attacks. Every attack is called as ``attack(model, inputs, labels, target=None, mask=None)`` and
 returns an :class:`~medrobust.results.AttackResult`.
 
-``ATTACKS`` maps lower-case names to classes so that the CLI and the evaluation engine can build an
-attack by name (:func:`get_attack`).
+``ATTACKS`` maps normalized names (lower case, without ``-`` and ``_``) to classes so that the CLI
+and the evaluation engine can build an attack by name (:func:`get_attack`): ``"apgd-t"``,
+``"APGD_T"`` and ``"apgdt"`` are the same attack.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from medrobust.attacks.apgd import APGD, APGDT
 from medrobust.attacks.base import (
     Attack,
     AttackContext,
@@ -16,10 +18,12 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
+from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
-from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
+from medrobust.attacks.square import Square
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -32,34 +36,60 @@ ATTACKS: dict[str, type[Attack]] = {
     "cw": CarliniWagnerL2,
     "ead": EAD,
     "lbfgs": LBFGS,
+    "ddn": DDN,
+    "fmn": FMN,
+    "alma": ALMA,
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
 }
 
 
+def normalize_name(name: str) -> str:
+    """The registry key of an attack name: lower case, ``-`` and ``_`` removed."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"an attack name must be a non-empty string; got {name!r}")
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
 def register(name: str, cls: type[Attack]) -> None:
-    """Make ``cls`` available to :func:`get_attack` under ``name``."""
-    ATTACKS[name.lower()] = cls
+    """Make ``cls`` available to :func:`get_attack` under ``name`` (normalized as
+    :func:`get_attack` does, so ``"apgd-t"`` registers the key ``"apgdt"``)."""
+    ATTACKS[normalize_name(name)] = cls
+
+
+register("apgd", APGD)
+register("apgd-t", APGDT)
+register("fab", FAB)
+register("fab-t", FABT)
+register("square", Square)
 
 
 def get_attack(name: str, **kwargs: Any) -> Attack:
-    """Build an attack by name (case-insensitive), e.g. ``get_attack("pgd", eps=8/255)``."""
-    key = name.lower().replace("-", "").replace("_", "")
+    """Build an attack by name (case, ``-`` and ``_`` ignored), e.g.
+    ``get_attack("pgd", eps=8/255)`` or ``get_attack("apgd-t", eps=8/255)``."""
+    key = normalize_name(name)
     if key not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
     return ATTACKS[key](**kwargs)
 
 
 __all__ = [
+    "ALMA",
+    "APGD",
+    "APGDT",
     "ATTACKS",
     "Attack",
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "DDN",
     "DeepFool",
     "EAD",
+    "FAB",
+    "FABT",
     "FGSM",
+    "FMN",
     "FixedBudgetAttack",
     "GradientAttack",
     "LBFGS",
@@ -69,7 +99,9 @@ __all__ = [
     "OnePixel",
     "PGD",
     "RunOutput",
+    "Square",
     "StAdv",
     "get_attack",
+    "normalize_name",
     "register",
 ]
