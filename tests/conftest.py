@@ -125,3 +125,15 @@ def retina_model(data_dir: Path) -> TrainedModel:
     xt, yt = load_npz_split(data_dir / "retinamnist.npz", "test")
     idx = torch.cat([(yt == c).nonzero().flatten()[:20] for c in range(5)])
     return _evaluate(net, xt[idx], yt[idx], 5)
+
+
+@pytest.fixture(scope="session")
+def pneumonia_proxies(data_dir: Path) -> list[mr.Classifier]:
+    """Two more small CNNs trained on PneumoniaMNIST independently of ``pneumonia_model`` (other
+    seeds, disjoint sets of 2000 training images each, class-balanced loss), for transfer tests."""
+    x, y = load_npz_split(data_dir / "pneumoniamnist.npz", "train")
+    out = []
+    for seed, part in ((1, slice(0, 2000)), (2, slice(2000, 4000))):
+        net = train_small_cnn(x[part], y[part], 2, epochs=3, width=8, seed=seed, balanced=True)
+        out.append(mr.Classifier(net, bounds=(0.0, 1.0), num_classes=2))
+    return out

@@ -109,13 +109,25 @@ def test_dicom_roundtrip(models: dict[str, Path], tmp_path: Path) -> None:
     assert Path(s["figure"]) == tmp_path / "adv_compare.png"
     orig = pydicom.dcmread(src)
     new = pydicom.dcmread(out)
-    # every element but the pixel data unchanged (file meta included)
-    assert set(orig.keys()) == set(new.keys())
+    # a derived image with its own identity (see test_trust_outputs.py for every detail) ...
+    derived = {"SOPInstanceUID", "SeriesInstanceUID", "ImageType", "DerivationDescription",
+               "SourceImageSequence"}
+    assert set(new.keys()) - set(orig.keys()) == {
+        pydicom.datadict.tag_for_keyword(k) for k in ("DerivationDescription",
+                                                      "SourceImageSequence")}
+    assert new.SOPInstanceUID != orig.SOPInstanceUID
+    assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == orig.SOPInstanceUID
+    # ... and every other element but the pixel data unchanged (file meta included)
     for elem in orig:
-        if elem.tag == 0x7FE00010:
+        if elem.tag == 0x7FE00010 or elem.keyword in derived:
             continue
         assert new[elem.tag] == elem, f"{elem.tag} {elem.keyword} changed"
     for elem in orig.file_meta:
+        if elem.keyword == "FileMetaInformationGroupLength":
+            continue  # the group's length follows the new, longer UID
+        if elem.keyword == "MediaStorageSOPInstanceUID":
+            assert new.file_meta[elem.tag].value == new.SOPInstanceUID
+            continue
         assert new.file_meta[elem.tag].value == elem.value, f"file meta {elem.keyword} changed"
     # the original storage type, and |change| <= eps in HU after rounding
     a0, a1 = orig.pixel_array, new.pixel_array
@@ -147,8 +159,9 @@ def test_nifti_roundtrip(models: dict[str, Path], tmp_path: Path) -> None:
     np.testing.assert_array_equal(b.affine, a.affine)
     assert b.get_data_dtype() == np.int16
     assert b.shape == a.shape
-    for key in ("descrip", "pixdim", "qform_code", "sform_code", "xyzt_units", "dim"):
+    for key in ("pixdim", "qform_code", "sform_code", "xyzt_units", "dim"):
         np.testing.assert_array_equal(b.header[key], a.header[key])
+    assert b.header["descrip"].item().startswith(b"medrobust 0.1.0 adversarial example: pgd")
     v0 = np.asarray(a.dataobj, dtype=np.float64)[:, :, 0]
     v1 = np.asarray(b.dataobj, dtype=np.float64)[:, :, 0]
     assert np.abs(v1 - v0).max() <= EPS_HU
@@ -197,7 +210,8 @@ def test_npy_roundtrip_and_overwrite(models: dict[str, Path], tmp_path: Path) ->
     assert out.read_bytes() == before
     assert main(argv + ["--overwrite"]) == 0
     assert np.abs(np.load(out).astype(int) - hu.astype(int)).max() <= 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.npy", "adv_compare.png", "slice.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".medrobust-written.json", "adv.npy", "adv_compare.png", "slice.npy"]
 
 
 @pytest.mark.parametrize(
@@ -287,13 +301,20 @@ def test_dicom_series_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             "--eps", "10", "--units", "HU", "--steps", "2", "--json"]
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["s0.dcm", "s1.dcm", "s2.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".medrobust-written.json", "s0.dcm", "s1.dcm", "s2.dcm"]
+    series_uids = set()
     vols = []
     for name in ("s2.dcm", "s1.dcm", "s0.dcm"):  # slice order along the normal
         a, b = pydicom.dcmread(series / name), pydicom.dcmread(out / name)
-        assert set(a.keys()) == set(b.keys())
+        # a derived series: one new Series UID for all its slices, new SOP UIDs
+        assert b.SOPInstanceUID != a.SOPInstanceUID and b.SeriesInstanceUID != a.SeriesInstanceUID
+        assert b.file_meta.MediaStorageSOPInstanceUID == b.SOPInstanceUID
+        assert b.SourceImageSequence[0].ReferencedSOPInstanceUID == a.SOPInstanceUID
+        series_uids.add(b.SeriesInstanceUID)
         for elem in a:
-            if elem.tag != 0x7FE00010:
+            if elem.tag != 0x7FE00010 and elem.keyword not in (
+                    "SOPInstanceUID", "SeriesInstanceUID", "ImageType"):
                 assert b[elem.tag] == elem
         assert b.pixel_array.dtype == a.pixel_array.dtype
         ha = a.pixel_array * 1.0 + float(a.RescaleIntercept)
@@ -302,6 +323,7 @@ def test_dicom_series_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         vols.append(hb)
     clf = load_model(model).classifier
     assert clf is not None
+    assert len(series_uids) == 1
     x = torch.from_numpy(np.stack(vols)).float().reshape(1, 1, 3, 128, 128)
     pred = int(clf.predict(x)[0])
     assert s["written"]["prediction"] == pred

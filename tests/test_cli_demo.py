@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from medrobust._files import mark_folder_written
 from medrobust.cli import main
 
 
@@ -40,6 +41,7 @@ def test_quick_demo_replaces_an_earlier_demo(tmp_path: Path) -> None:
     out.mkdir()
     (out / "demo.json").write_text(json.dumps({"kind": "medrobust-demo"}))
     (out / "stale.txt").write_text("from an earlier demo")
+    mark_folder_written(out)  # an earlier demo's manifest: every file in it is the demo's
     r = _demo("--quick", "--overwrite", cwd=tmp_path)  # the default --out, in the cwd
     assert r.returncode == 0, r.stderr
     results = _check_output(out, r.stdout)
@@ -65,6 +67,14 @@ def test_demo_folder_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     (demo / "demo.json").write_text(json.dumps({"kind": "medrobust-demo"}))
     assert main(["demo", "--out", str(demo), "--quick"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # ... and --overwrite replaces it only when it holds nothing but what the demo wrote: a file
+    # added by the user (or one without the demo's manifest) keeps the folder as it is
+    mark_folder_written(demo)
+    (demo / "my-notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(demo), "--quick", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "my-notes.txt" in err and "never replaced" in err
+    assert (demo / "my-notes.txt").read_text() == "mine" and (demo / "demo.json").is_file()
     # a file in the way
     f = tmp_path / "file"
     f.write_text("x")

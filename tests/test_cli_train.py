@@ -26,7 +26,10 @@ def test_train_pneumoniamnist_subprocess(
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "val acc" in proc.stdout and "val auc" in proc.stdout and "saved" in proc.stdout
-    assert sorted(os.listdir(out)) == ["metrics.jsonl", "model.json", "weights.safetensors"]
+    # redirected output: the batches of each epoch as plain lines (a tqdm bar in a terminal)
+    assert "epoch 1/2: 1/10 (10%)" in proc.stderr and "epoch 2/2: 10/10 (100%)" in proc.stderr
+    assert sorted(os.listdir(out)) == [".medrobust-written.json", "metrics.jsonl", "model.json",
+                                       "weights.safetensors"]
     assert [p.name for p in out.parent.iterdir()] == ["pneu"]  # no temporary folder left
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]

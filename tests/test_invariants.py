@@ -31,6 +31,11 @@ FAST: dict[str, dict[str, Any]] = {
     "pgd": {"steps": 5, "restarts": 2},
     "bim": {"steps": 5},
     "mifgsm": {"steps": 5},
+    "hopskipjump": {"max_queries": 120, "max_iterations": 3, "init_evals": 10, "init_attempts": 5},
+    "simba": {"max_queries": 60},
+    "universal": {"max_passes": 2, "deepfool_steps": 3},
+    "patch": {"steps": 3, "batch_size": 4},
+    "rp2": {"steps": 3, "draws": 2, "eval_draws": 2},
 }
 
 

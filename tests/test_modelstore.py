@@ -60,7 +60,8 @@ def test_round_trip_gives_identical_logits(saved: Path) -> None:
                              "spatial_dims": 2, "size": [16, 16]}
     assert meta["preprocessing"]["mean"] == [0.4] and meta["data"]["sha256"] == "ab"
     assert meta["medrobust_version"] and meta["task"] == "binary"
-    assert sorted(os.listdir(saved)) == ["model.json", "weights.safetensors"]
+    assert sorted(os.listdir(saved)) == [".medrobust-written.json", "model.json",
+                                         "weights.safetensors"]
     assert load_model(saved, device="auto").classifier is not None
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
@@ -119,7 +120,9 @@ def test_user_factory_with_pt_and_safetensors(tmp_path: Path, monkeypatch) -> No
     assert torch.equal(loaded.classifier.logits(x), net(x).detach())
     save_model(tmp_path / "m", loaded.module, factory="my_medrobust_net:make",
                arch_args={"width": 3}, class_names=["a", "b", "c"])
-    again = load_model(tmp_path / "m")
+    with pytest.raises(ModelError, match="factory.*code.*--trust-code.*trust_code=True"):
+        load_model(tmp_path / "m")  # a folder naming code runs it only when trusted
+    again = load_model(tmp_path / "m", trust_code=True)
     assert again.metadata["architecture"] == {"factory": "my_medrobust_net:make",
                                               "args": {"width": 3}}
     assert torch.equal(again.classifier.logits(x), net(x).detach())  # type: ignore[union-attr]
@@ -182,6 +185,8 @@ def test_weights_that_do_not_match(saved: Path) -> None:
 
     w = saved / "weights.safetensors"
     state = load_file(str(w))
+    # a hand-written folder records no sha256 (a saved one does: see test_trust_modelstore.py)
+    _edit_json(saved, weights_sha256=None)
     # shape mismatch: a wider network's weights
     _edit_json(saved, architecture={"name": "smallcnn", "args": {"width": 8}})
     with pytest.raises(ModelError, match="do not match.*shape mismatch"):

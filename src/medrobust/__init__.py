@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medrobust.models import Classifier
+from medrobust.models import BlackBox, Classifier, Ensemble
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
+from medrobust.transfer import TransferResult, transfer
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'medrobust' has no attribute {name!r}")
 
 
-__all__ = ["AttackResult", "Classifier", "L1", "L2", "Linf", "evaluate", "get_norm", "__version__"]
+__all__ = [
+    "AttackResult",
+    "BlackBox",
+    "Classifier",
+    "Ensemble",
+    "L1",
+    "L2",
+    "Linf",
+    "TransferResult",
+    "evaluate",
+    "get_norm",
+    "transfer",
+    "__version__",
+]

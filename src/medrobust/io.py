@@ -23,7 +23,13 @@ read as ``(H, W)``, ``(C, H, W)`` / ``(D, H, W)`` (resolved by ``spatial_dims``)
 
 Writing is atomic and never overwrites by accident: :func:`write_image` writes to a hidden
 temporary file in the destination folder, and :func:`commit` moves it into place (refusing an
-existing file unless ``overwrite``).
+existing file unless ``overwrite``). A changed image says so: with ``derivation=`` (a text such as
+``"medrobust 0.1.0: pgd linf eps=5 HU"``) a DICOM gets a derived identity
+(:func:`medrobust.data.dicom.mark_derived`), a NIfTI header that text as its ``descrip``, a PNG a
+``medrobust`` text chunk (``.npy`` has no place for it).
+
+:func:`peek_size` reads only a file's header, so that an input too large to hold is refused before
+it is read whole.
 """
 
 from __future__ import annotations
@@ -46,10 +52,13 @@ __all__ = [
     "FORMATS",
     "Grid",
     "ImageFile",
+    "Rescale",
     "commit",
     "commit_dir",
     "format_of",
+    "peek_size",
     "read_image",
+    "rescale_for",
     "temp_path",
     "write_image",
 ]
@@ -76,6 +85,68 @@ def format_of(path: str | os.PathLike[str], *, sniff: bool = True) -> str | None
         if is_dicom_file(path):
             return "dicom"
     return None
+
+
+def peek_size(path: str | os.PathLike[str]) -> tuple[int, tuple[int, ...]]:
+    """``(number of values, stored shape)`` of an image file or DICOM series folder, from its
+    header only (the pixel data are not read).
+
+    Raises:
+        DataError: an unreadable header.
+    """
+    p = Path(path).expanduser()
+    fmt = "dicom" if p.is_dir() else format_of(p)
+    try:
+        if fmt == "png":
+            import warnings
+
+            from PIL import Image
+
+            limit = Image.MAX_IMAGE_PIXELS
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning
+                    Image.MAX_IMAGE_PIXELS = None  # the caller applies its own limit
+                    with Image.open(p) as im:
+                        w, h = im.size
+                        bands = len(im.getbands())
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            return w * h * bands, (h, w, bands)
+        if fmt == "npy":
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            shape = tuple(int(v) for v in arr.shape)
+            return int(np.prod(shape)), shape
+        if fmt == "nifti":
+            import nibabel as nib
+
+            header: Any = nib.load(str(p)).header
+            shape = tuple(int(v) for v in header.get_data_shape())
+            return int(np.prod(shape)), shape
+        if fmt == "dicom":
+            import pydicom
+
+            files = [p] if p.is_file() else sorted(
+                f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            total, shape = 0, ()
+            for f in files:
+                if p.is_dir() and not (f.suffix.lower() == ".dcm" or _sniff_dicom(f)):
+                    continue
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                one = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0)),
+                       int(ds.get("Columns", 0)), int(ds.get("SamplesPerPixel", 1)))
+                total += int(np.prod(one))
+                shape = one
+            return total, shape
+    except Exception as e:
+        raise DataError(f"{p}: cannot read the header ({type(e).__name__}: {e})") from e
+    raise DataError(f"{p}: unknown image format")
+
+
+def _sniff_dicom(path: Path) -> bool:
+    from medrobust.data.dicom import is_dicom_file
+
+    return is_dicom_file(path)
 
 
 # --------------------------------------------------------------------------- the storage grid
@@ -448,12 +519,14 @@ def temp_path(final: str | os.PathLike[str]) -> Path:
     return Path(tmp)
 
 
-def write_image(path: str | os.PathLike[str], values: np.ndarray, image: ImageFile) -> Path:
+def write_image(path: str | os.PathLike[str], values: np.ndarray, image: ImageFile, *,
+                derivation: str | None = None, keep_uids: bool = False) -> Path:
     """Write ``values`` (grid values from :meth:`Grid.snap`, shaped like ``image.values``) to
     ``path`` in ``image``'s format, keeping everything but the pixel data.
 
-    ``path`` is written directly (use :func:`temp_path` + :func:`commit` for an atomic,
-    no-clobber write). Returns ``path``.
+    ``derivation``: a text saying how the image was made (see the module docstring); a DICOM
+    then gets a derived identity (new UIDs unless ``keep_uids``). ``path`` is written directly
+    (use :func:`temp_path` + :func:`commit` for an atomic, no-clobber write). Returns ``path``.
     """
     out = Path(path)
     v = np.asarray(values, dtype=np.float64)
@@ -464,14 +537,20 @@ def write_image(path: str | os.PathLike[str], values: np.ndarray, image: ImageFi
 
         if len(image.meta.get("datasets", [])) > 1 and out.exists():
             raise DataError(f"{out}: a DICOM series is written into a new folder; it exists")
-        write_dicom(out, v, image.meta)  # one file, or a new folder of slices for a series
+        # one file, or a new folder of slices for a series
+        write_dicom(out, v, image.meta, derivation=derivation, keep_uids=keep_uids)
         return out
     if image.format == "nifti":
         from medrobust.data.nifti import write_nifti
 
-        return write_nifti(out, v, image.meta)
+        meta = image.meta
+        if derivation is not None:
+            header = meta["header"].copy()
+            header["descrip"] = derivation.encode("ascii", "replace")[:79]
+            meta = {**meta, "header": header}
+        return write_nifti(out, v, meta)
     if image.format == "png":
-        return _write_png(out, v, image)
+        return _write_png(out, v, image, derivation)
     if image.format == "npy":
         return _write_npy(out, v, image)
     raise DataError(f"{out}: cannot write format {image.format!r}")
@@ -483,7 +562,7 @@ def _stored_ints(v: np.ndarray, grid: Grid) -> np.ndarray:
     return np.clip(np.rint((v - b) / s), grid.stored_min, grid.stored_max)
 
 
-def _write_png(out: Path, v: np.ndarray, image: ImageFile) -> Path:
+def _write_png(out: Path, v: np.ndarray, image: ImageFile, derivation: str | None = None) -> Path:
     from PIL import Image, PngImagePlugin
 
     meta = image.meta
@@ -506,7 +585,10 @@ def _write_png(out: Path, v: np.ndarray, image: ImageFile) -> Path:
     else:
         im = Image.fromarray(arr, mode=mode)
     info = PngImagePlugin.PngInfo()
-    for k, val in (meta.get("text") or {}).items():
+    text = dict(meta.get("text") or {})
+    if derivation is not None:
+        text["medrobust"] = derivation
+    for k, val in text.items():
         with contextlib.suppress(Exception):
             info.add_text(k, val)
     kwargs: dict[str, Any] = {"pnginfo": info}
@@ -577,3 +659,68 @@ def commit(tmp: str | os.PathLike[str], final: str | os.PathLike[str], overwrite
         os.replace(t, f)
         return
     os.unlink(t)
+
+
+# --------------------------------------------------------------------------- rescaling
+@dataclass(frozen=True)
+class Rescale:
+    """An affine map from a file's values to a model's: ``model = file * scale + offset``.
+
+    ``medrobust attack --rescale`` uses it for integer images stored in other units than the
+    model's (a uint8 ``.npy`` straight from MedMNIST for a [0, 1] model, a raw MR NIfTI): the
+    attack runs in the model's units on :meth:`grid`, the file's own storage grid mapped through
+    the rescale, and the result is mapped back with :meth:`to_file` and stored in the file's type.
+    """
+
+    scale: float
+    offset: float
+    source: tuple[float, float]
+    description: str
+
+    def to_model(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64) * self.scale + self.offset
+
+    def to_file(self, values: np.ndarray) -> np.ndarray:
+        return (np.asarray(values, dtype=np.float64) - self.offset) / self.scale
+
+    def grid(self, grid: Grid) -> Grid:
+        """``grid`` in the model's units."""
+        if grid.float_dtype is not None:
+            raise DataError("a float image needs no rescale")
+        s = np.asarray(grid.slope, dtype=np.float64) * self.scale
+        b = np.asarray(grid.intercept, dtype=np.float64) * self.scale + self.offset
+        return Grid(slope=s if s.ndim else float(s), intercept=b if b.ndim else float(b),
+                    stored_min=grid.stored_min, stored_max=grid.stored_max,
+                    description=f"{grid.description}, rescaled ({self.description})")
+
+
+def rescale_for(image: ImageFile, bounds: tuple[float, float], mode: str = "auto") -> Rescale:
+    """The :class:`Rescale` that maps ``image`` (integer storage) onto ``bounds``.
+
+    ``mode``: ``"dtype"`` maps the stored type's whole range (0..255 for uint8) onto the bounds,
+    ``"minmax"`` the image's own lowest and highest value; ``"auto"`` is ``"dtype"`` for 8-bit
+    images and ``"minmax"`` for wider types (a raw MR NIfTI uses a small part of int16).
+
+    Raises:
+        DataError: a float image, a constant image with ``minmax``, an unknown mode.
+    """
+    if image.grid.float_dtype is not None:
+        raise DataError(
+            f"{image.path}: --rescale maps integer images; this one is stored as "
+            f"{image.grid.float_dtype} (give it in the model's units)"
+        )
+    if mode not in ("auto", "dtype", "minmax"):
+        raise DataError(f"unknown rescale mode {mode!r}; expected auto, dtype or minmax")
+    if mode == "auto":
+        mode = "dtype" if image.grid.stored_max - image.grid.stored_min <= 255 else "minmax"
+    if mode == "dtype":
+        src = image.grid.value_range()
+    else:
+        v = image.exact_values()
+        src = (float(v.min()), float(v.max()))
+    if not src[1] > src[0]:
+        raise DataError(f"{image.path}: the image is constant ({src[0]:g}); nothing to rescale")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    scale = (hi - lo) / (src[1] - src[0])
+    return Rescale(scale=scale, offset=lo - src[0] * scale, source=src,
+                   description=f"{mode}: [{src[0]:g}, {src[1]:g}] -> [{lo:g}, {hi:g}]")

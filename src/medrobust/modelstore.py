@@ -5,7 +5,15 @@ the architecture (a registered network, or a user's ``"package.module:function"`
 arguments, the input bounds and units, the preprocessing (intensity window, resize, normalization
 mean/std), the input size, class names, task, the data it was trained on (with its sha256) and the
 medrobust version. Weights are stored with safetensors, which holds tensors only; a ``.pt`` state
-dict is read with ``torch.load(..., weights_only=True)``. Nothing is ever unpickled.
+dict is read with ``torch.load(..., weights_only=True)`` (torch >= 2.6). Nothing is ever unpickled.
+
+A model folder is data, never code. Loading one builds only the networks in
+:data:`medrobust.nets.NETWORKS` and the steps of :mod:`medrobust.preprocessing`; a folder whose
+``architecture`` names a user's ``"package.module:function"`` factory (which would import and run
+that code) is refused unless the caller opts in: ``load_model(..., trust_code=True)`` in Python,
+``--trust-code`` on the command line. The weights' sha256 is recorded in ``model.json`` and checked
+on load; weights whose dtype does not match the architecture's (integers saved over float
+parameters) or that hold NaN/Inf are refused.
 
 Schema (``format_version`` 1)::
 
@@ -14,7 +22,7 @@ Schema (``format_version`` 1)::
       "created": "2026-01-01T00:00:00+00:00",
       "architecture": {"name": "resnet18", "args": {"in_channels": 1, "num_classes": 2, ...}}
                       | {"factory": "package.module:function", "args": {...}},
-      "weights": "weights.safetensors",
+      "weights": "weights.safetensors", "weights_sha256": "...",
       "task": "binary" | "multi-class" | "multi-label" | "ordinal" | "segmentation",
       "num_classes": 2, "class_names": ["normal", "pneumonia"],
       "input": {"bounds": [0.0, 1.0], "units": "intensity", "channels": 1,
@@ -29,19 +37,23 @@ Schema (``format_version`` 1)::
     }
 
 A directory is written atomically: into a temporary sibling directory, then renamed into place, so
-an error never leaves a half-written model behind.
+an error never leaves a half-written model behind; a run killed on the way leaves a hidden temporary
+folder that the next write to the same target removes. A written folder holds a manifest of its
+files (:data:`medrobust._files.MANIFEST`); ``overwrite`` replaces a folder only when every file in
+it is one medrobust wrote, unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import importlib
 import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +62,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from medrobust._files import apply_umask
+from medrobust._files import (
+    apply_umask,
+    few,
+    foreign_files,
+    mark_folder_written,
+    sha256_of,
+)
 from medrobust.models import Classifier
 from medrobust.preprocessing import PreprocessingError, from_config, output_size
 from medrobust.preprocessing import to_config as preprocessing_to_config
@@ -79,35 +97,99 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- atomic directories
-def _check_target(target: Path, overwrite: bool) -> None:
+def _check_target(target: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Refuse a target that is a file, a non-empty folder without ``overwrite``, or a folder
+    holding files medrobust did not write (never replaced, even with ``overwrite``)."""
     if target.exists() and not target.is_dir():
         raise ModelError(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ModelError(f"{target}: directory exists and is not empty (use overwrite)")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ModelError(f"{target}: directory exists and is not empty (use {flag})")
+        foreign = foreign_files(target)
+        if foreign:
+            raise ModelError(
+                f"{target}: holds files medrobust did not write (or that changed since): "
+                f"{few(foreign)}; it is never replaced, even with {flag}: choose another folder "
+                "or remove it yourself"
+            )
+
+
+def check_replaceable(target: str | os.PathLike[str], overwrite: bool,
+                      flag: str = "overwrite=True") -> None:
+    """Raise :class:`ModelError` unless :func:`atomic_directory` may write ``target`` (``flag``
+    is how the message names the overwrite switch: ``--overwrite`` on the command line)."""
+    _check_target(Path(target).expanduser().absolute(), overwrite, flag)
+
+
+def _clean_stale(tgt: Path) -> None:
+    """Remove the temporary folders of earlier writes to ``tgt`` whose process died (their lock
+    file is no longer held); restore a previous folder a killed run had moved aside."""
+    for lock in tgt.parent.glob(f".{glob_escape(tgt.name)}.lock-*"):
+        tag = lock.name.rsplit(".lock-", 1)[-1]
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # another live run holds it
+            old = tgt.parent / f".{tgt.name}.old-{tag}"
+            if (old / "d").is_dir() and not tgt.exists():
+                os.rename(old / "d", tgt)  # killed between moving the old folder and the new in
+            for d in (tgt.parent / f".{tgt.name}.tmp-{tag}", old):
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        finally:
+            os.close(fd)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    import glob
+
+    return glob.escape(name)
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False,
+                     flag: str = "overwrite=True") -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block succeeds.
 
     The temporary directory is a hidden sibling of ``target`` (same file system, so the final
-    rename is atomic). If the block raises, it is removed and ``target`` is left as it was. An
-    existing non-empty ``target`` is replaced only with ``overwrite=True``.
+    rename is atomic), guarded by a lock file held while the block runs: the temporary folders of
+    a run that was killed are removed by the next write to the same ``target``. If the block
+    raises, the temporary directory is removed and ``target`` is left as it was. A manifest of
+    the files written (:data:`medrobust._files.MANIFEST`) is added. An existing non-empty
+    ``target`` is replaced only with ``overwrite``, and only when it holds nothing but files
+    medrobust wrote.
 
     Raises:
-        ModelError: ``target`` is a file, or a non-empty directory without ``overwrite``.
+        ModelError: ``target`` is a file, a non-empty directory without ``overwrite``, or holds
+            files medrobust did not write.
     """
     tgt = Path(target).expanduser().absolute()
-    _check_target(tgt, overwrite)
+    _check_target(tgt, overwrite, flag)
     tgt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.tmp-", dir=tgt.parent))
+    _clean_stale(tgt)
+    tag = uuid.uuid4().hex[:12]
+    lock = tgt.parent / f".{tgt.name}.lock-{tag}"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    tmp = tgt.parent / f".{tgt.name}.tmp-{tag}"
     try:
+        tmp.mkdir(mode=0o700)
         yield tmp
-        _check_target(tgt, overwrite)
+        _check_target(tgt, overwrite, flag)
+        mark_folder_written(tmp)
         apply_umask(tmp)
         old: Path | None = None
         if tgt.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.old-", dir=tgt.parent))
+            old = tgt.parent / f".{tgt.name}.old-{tag}"
+            old.mkdir(mode=0o700)
             os.rename(tgt, old / "d")
         try:
             os.rename(tmp, tgt)
@@ -120,6 +202,10 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = False) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- writing
@@ -213,6 +299,8 @@ def write_model_files(
         raise ModelError(f"{d / WEIGHTS_FILE}: cannot write the weights ({err})") from err
     if meta.get("defense", {}).get("weights"):
         _write_defense_weights(d / meta["defense"]["weights"], defense)
+        meta["defense"]["weights_sha256"] = sha256_of(d / meta["defense"]["weights"])
+    meta["weights_sha256"] = sha256_of(d / WEIGHTS_FILE)
     text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
     (d / MODEL_JSON).write_text(text, encoding="utf-8")
     return meta
@@ -313,6 +401,7 @@ def build_metadata(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "architecture": arch,
         "weights": WEIGHTS_FILE,
+        "weights_sha256": None,
         "task": task,
         "num_classes": None if num_classes is None else int(num_classes),
         "class_names": None if class_names is None else [str(c) for c in class_names],
@@ -415,7 +504,8 @@ def save_model(
             defended Classifier, whose ``votes`` are kept) rebuilt in front of the model on load.
 
     Raises:
-        ModelError: unknown architecture, unserialisable metadata, an existing directory.
+        ModelError: unknown architecture, unserialisable metadata, an existing directory (with
+            ``overwrite``, one holding files medrobust did not write).
     """
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_model_files(
@@ -557,8 +647,20 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
 def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: Any) -> None:
-    """Load ``state`` strictly into ``module``; a clear :class:`ModelError` on any mismatch."""
+    """Load ``state`` strictly into ``module``; a clear :class:`ModelError` on any mismatch.
+
+    Refused: missing or unexpected names, other shapes, another kind of dtype (integer weights
+    over float parameters, which ``load_state_dict`` would silently cast), NaN or Inf values.
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -568,9 +670,6 @@ def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
 
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
-
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {few(missing)}")
@@ -578,9 +677,26 @@ def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
+    kinds = [
+        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state and _dtype_kind(state[k].dtype) != _dtype_kind(own[k].dtype)
+    ]
+    if kinds:
+        problems.append(f"{len(kinds)} dtype mismatch(es): {few(kinds)}")
     if problems:
         raise ModelError(
             f"{source}: the weights do not match the architecture; " + "; ".join(problems)
+        )
+    bad = [
+        k for k, v in state.items()
+        if v.is_floating_point() or v.is_complex()
+        if not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise ModelError(
+            f"{source}: the weights hold NaN or infinite values in {len(bad)} tensor(s): "
+            f"{few(bad)}; a model with such weights gives no meaningful predictions"
         )
     try:
         module.load_state_dict(dict(state), strict=True)
@@ -604,7 +720,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _build_from_metadata(meta: dict[str, Any], where: Path | str) -> nn.Module:
+TRUST_HINT = "--trust-code on the command line, trust_code=True in Python"
+
+
+def _build_from_metadata(meta: dict[str, Any], where: Path | str,
+                         trust_code: bool = False) -> nn.Module:
     arch = meta.get("architecture")
     if not isinstance(arch, dict):
         raise ModelError(f"{where}: 'architecture' must be an object with 'name' or 'factory'")
@@ -612,6 +732,13 @@ def _build_from_metadata(meta: dict[str, Any], where: Path | str) -> nn.Module:
     if not isinstance(args, dict):
         raise ModelError(f"{where}: 'architecture.args' must be an object")
     if "factory" in arch:
+        if not trust_code:
+            raise ModelError(
+                f"{where}: the architecture is the factory {str(arch['factory'])!r}, which is "
+                "code: loading it would import and run it. medrobust builds only its registered "
+                "networks from a model folder; if you trust this folder's author, allow code "
+                f"explicitly ({TRUST_HINT})"
+            )
         builder = resolve_factory(str(arch["factory"]))
         label = str(arch["factory"])
         try:
@@ -627,7 +754,7 @@ def _build_from_metadata(meta: dict[str, Any], where: Path | str) -> nn.Module:
     if not isinstance(name, str) or name.lower() not in NETWORKS:
         raise ModelError(
             f"{where}: unknown architecture {name!r}; known: {', '.join(sorted(NETWORKS))} "
-            "(a user network needs \"factory\": \"package.module:function\")"
+            f"(a user network needs \"factory\": \"package.module:function\" and {TRUST_HINT})"
         )
     try:
         return build_network(name, **args)
@@ -693,22 +820,38 @@ def _load_defense(entry: Any, where: Path | str) -> dict[str, Any]:
         ):
             raise ModelError(f"{where}: 'defense.weights' must be a file name beside model.json")
         wpath = where.parent / wname
+        recorded = entry.get("weights_sha256")
+        if recorded is not None and (not wpath.is_file() or sha256_of(wpath) != str(recorded)):
+            raise ModelError(f"{wpath}: missing, or its sha256 differs from the one recorded in "
+                             f"{where.name}; the defense's weights were changed after saving")
         load_weights_into(chain, read_weights(wpath), wpath)
         chain.eval()
     return {} if chain is None else {"defense": chain, "votes": votes}
 
 
 def load_model(
-    directory: str | os.PathLike[str], device: torch.device | str | None = None
+    directory: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    *,
+    trust_code: bool = False,
 ) -> LoadedModel:
     """Load a model directory written by :func:`save_model` (or by hand, following the schema).
 
     Returns the module (eval mode, on ``device``: default CPU, ``"auto"`` picks CUDA when
     available), a ready :class:`Classifier`, and the metadata.
 
+    Args:
+        directory: the model folder.
+        device: where to put the module.
+        trust_code: allow an ``architecture`` that names a ``"package.module:function"``
+            factory, i.e. import and run code named by the folder. Off by default: a folder
+            someone sent you must not run code on your machine; only registered networks are
+            built.
+
     Raises:
         ModelError: missing directory / ``model.json`` / weights, malformed JSON, unknown
-            architecture, weights that do not match it; the message names the file.
+            architecture, a factory without ``trust_code``, weights that do not match it (names,
+            shapes, dtypes, the recorded sha256) or hold NaN/Inf; the message names the file.
     """
     d = Path(directory).expanduser()
     if not d.exists():
@@ -730,15 +873,25 @@ def load_model(
         )
     if "architecture" not in meta:
         raise ModelError(f"{jpath}: no 'architecture' entry")
-    module = _build_from_metadata(meta, jpath)
     wname = meta.get("weights", WEIGHTS_FILE)
     if not isinstance(wname, str) or not wname or Path(wname).is_absolute() or ".." in Path(
         wname
     ).parts:
         raise ModelError(f"{jpath}: 'weights' must be a file name inside {d}; got {wname!r}")
     wpath = d / wname
+    module = _build_from_metadata(meta, jpath, trust_code)
     if not wpath.is_file():
         raise ModelError(f"{wpath}: weights file missing")
+    recorded = meta.get("weights_sha256")
+    if recorded is not None:
+        if not isinstance(recorded, str):
+            raise ModelError(f"{jpath}: 'weights_sha256' must be a hex string; got {recorded!r}")
+        actual = sha256_of(wpath)
+        if actual != recorded.lower():
+            raise ModelError(
+                f"{wpath}: sha256 {actual} differs from the {recorded} recorded in {jpath.name}; "
+                "the weights were changed or replaced after the model was saved"
+            )
     load_weights_into(module, read_weights(wpath), wpath)
     module.eval()
     module.to(_device(device))
@@ -802,6 +955,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "atomic_directory",
     "build_metadata",
+    "check_replaceable",
     "load_from_factory",
     "load_model",
     "load_weights_into",

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -243,7 +242,8 @@ def train(
             :class:`medrobust.Classifier`); save the same values with the model.
         example_generator: ``(wrapper, x, y) -> x_used``; called on every training batch, its
             output (detached) is what the network is trained on.
-        progress: show a tqdm bar per epoch (only when stderr is a terminal).
+        progress: show the batches of each epoch on stderr (a tqdm bar in a terminal, a line
+            every few seconds when redirected; :mod:`medrobust.progress`).
         log_path: write one JSON line of metrics per epoch there (``metrics.jsonl``).
         on_epoch_end: called with each epoch's metrics dict.
         eval_batch_size: batch size for validation.
@@ -322,9 +322,9 @@ def train(
     else:
         sched = None
 
-    from tqdm.auto import tqdm
+    from medrobust.progress import Progress
 
-    show = bool(progress) and sys.stderr.isatty() and (dctx is None or dctx.is_main)
+    show = bool(progress) and (dctx is None or dctx.is_main)
     order_gen = torch.Generator().manual_seed(int(seed))
     n = len(train_data)
     history: list[dict[str, Any]] = []
@@ -371,9 +371,8 @@ def train(
                 if n_here > 1 and n_here - starts[-1] == 1:  # a batch of one breaks batch norm
                     starts.pop()
                 total_loss, correct, seen = 0.0, 0, 0
-                bar = tqdm(starts, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                           disable=not show, leave=False, file=sys.stderr)
-                for s in bar:
+                bar = Progress(f"epoch {epoch}/{epochs}", len(starts), unit="batch", show=show)
+                for s in starts:
                     idx = perm[s : s + int(batch_size)]
                     x = train_data.images[idx].to(dev)
                     y = train_data.labels[idx].to(dev)
@@ -413,8 +412,7 @@ def train(
                     total_loss += float(loss.detach()) * bs
                     correct += float(pred_ok.sum())  # type: ignore[assignment]
                     seen += bs
-                    if show:
-                        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+                    bar.update(1, f"loss {total_loss / seen:.4f}")
                 bar.close()
                 total_loss, correct, seen = distributed.all_reduce_sums(  # type: ignore[assignment]
                     dctx, total_loss, correct, seen)

@@ -18,12 +18,17 @@ from medrobust.attacks.base import (
     MinimumNormAttack,
     RunOutput,
 )
+from medrobust.attacks.decision import HopSkipJump
 from medrobust.attacks.fab import FAB, FABT
-from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
+from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.patch import AdversarialPatch
+from medrobust.attacks.rp2 import RP2
+from medrobust.attacks.score import SimBA
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
 from medrobust.attacks.square import Square
+from medrobust.attacks.universal import UniversalPerturbation
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -42,6 +47,13 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "hopskipjump": HopSkipJump,
+    "simba": SimBA,
+    "difgsm": DIFGSM,
+    "tifgsm": TIFGSM,
+    "universal": UniversalPerturbation,
+    "patch": AdversarialPatch,
+    "rp2": RP2,
 }
 
 
@@ -79,11 +91,13 @@ __all__ = [
     "APGD",
     "APGDT",
     "ATTACKS",
+    "AdversarialPatch",
     "Attack",
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
     "DDN",
+    "DIFGSM",
     "DeepFool",
     "EAD",
     "FAB",
@@ -92,15 +106,20 @@ __all__ = [
     "FMN",
     "FixedBudgetAttack",
     "GradientAttack",
+    "HopSkipJump",
     "LBFGS",
     "JSMA",
     "MIFGSM",
     "MinimumNormAttack",
     "OnePixel",
     "PGD",
+    "RP2",
     "RunOutput",
+    "SimBA",
     "Square",
     "StAdv",
+    "TIFGSM",
+    "UniversalPerturbation",
     "get_attack",
     "normalize_name",
     "register",

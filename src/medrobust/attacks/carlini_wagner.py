@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from medrobust import progress
 from medrobust.attacks.base import AttackContext, MinimumNormAttack, RunOutput
 from medrobust.norms import flat
 
@@ -195,7 +196,7 @@ class CarliniWagnerL2(MinimumNormAttack):
         search = BinarySearchConst(ctx.n, self.initial_const, x0.device)
         todo = (~already).nonzero().flatten()
         check_every = max(self.steps // 10, 1)
-        for outer in range(self.binary_search_steps):
+        for outer in progress.track(range(self.binary_search_steps), f"C&W ({ctx.n} samples)"):
             if todo.numel() == 0:
                 break
             if self.binary_search_steps >= 10 and outer == self.binary_search_steps - 1:

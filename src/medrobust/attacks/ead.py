@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from medrobust import progress
 from medrobust.attacks.base import AttackContext, MinimumNormAttack, RunOutput
 from medrobust.attacks.carlini_wagner import (
     BinarySearchConst,
@@ -117,7 +118,7 @@ class EAD(MinimumNormAttack):
         search = BinarySearchConst(ctx.n, self.initial_const, x0.device)
         todo = (~already).nonzero().flatten()
         check_every = max(self.steps // 10, 1)
-        for _outer in range(self.binary_search_steps):
+        for _outer in progress.track(range(self.binary_search_steps), f"EAD ({ctx.n} samples)"):
             if todo.numel() == 0:
                 break
             gidx = todo

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from medrobust.attacks.base import AttackContext, FixedBudgetAttack, RunOutput
+from medrobust.attacks.boost import diverse_inputs, scaled_kernel_size, smooth_gradient
 from medrobust.norms import L1, Linf, Norm, batch_view, get_norm
 
 
@@ -87,7 +88,13 @@ class GradientAttack(FixedBudgetAttack):
         eot: average the gradient over this many draws of a randomized defense (Expectation over
             Transformation, Athalye et al., ICML 2018); each draw counts as a forward and a
             backward pass.
-        seed, generator: the randomness of the random start.
+        input_diversity: DI's probability ``p`` of a random resize-and-pad of the input before
+            each forward pass (Xie et al., CVPR 2019; :mod:`medrobust.attacks.boost`). The loop
+            then cannot judge success on the iterates (their outputs are of transformed inputs):
+            it keeps the last iterate, as the paper, and ``early_stop`` applies only at the end.
+        translation_kernel: TI's Gaussian kernel width ``k`` for smoothing the gradient (Dong et
+            al., CVPR 2019), or ``"auto"``: the paper's 15 px for 299 px scaled to the input size.
+        seed, generator: the randomness of the random start (and of DI's transform).
     """
 
     name = "gradient"
@@ -110,10 +117,23 @@ class GradientAttack(FixedBudgetAttack):
         l1_sparsity: float = 0.05,
         bpda: bool = False,
         eot: int = 1,
+        input_diversity: float = 0.0,
+        translation_kernel: int | str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(eps, norm, loss=loss, seed=seed, generator=generator)
+        if not 0.0 <= input_diversity <= 1.0:
+            raise ValueError(f"input_diversity must be a probability in [0, 1]; got "
+                             f"{input_diversity!r}")
+        if translation_kernel is not None and translation_kernel != "auto" and (
+            isinstance(translation_kernel, bool) or not isinstance(translation_kernel, int)
+            or translation_kernel < 1 or translation_kernel % 2 == 0
+        ):
+            raise ValueError(f"translation_kernel must be an odd positive integer, 'auto' or None; "
+                             f"got {translation_kernel!r}")
+        self.input_diversity = float(input_diversity)
+        self.translation_kernel = translation_kernel
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
@@ -181,11 +201,17 @@ class GradientAttack(FixedBudgetAttack):
         if isinstance(norm, Linf):
             e = batch_view(eps, x)
             box = ((x - e).clamp_min(bounds[0]), (x + e).clamp_max(bounds[1]))
+        kernel = self.translation_kernel
+        if kernel == "auto":
+            kernel = scaled_kernel_size(min(x.shape[2:])) if x.dim() > 2 else 1
         for _ in range(self.steps):
-            logits, loss, grad = ctx.value_and_grad(xa, index)
-            success = ctx.is_adversarial(logits, index)
-            best.update(index, xa, logits, loss, success)
-            if self.early_stop and success.any():
+            if self.input_diversity > 0:
+                grad = self._diverse_grad(ctx, xa, index)
+            else:
+                logits, loss, grad = ctx.value_and_grad(xa, index)
+                success = ctx.is_adversarial(logits, index)
+                best.update(index, xa, logits, loss, success)
+            if self.early_stop and self.input_diversity == 0 and success.any():
                 keep = ~success
                 if not keep.any():
                     return
@@ -195,6 +221,8 @@ class GradientAttack(FixedBudgetAttack):
                 mask = None if mask is None else mask[keep]
                 g = None if g is None else g[keep]
                 box = None if box is None else (box[0][keep], box[1][keep])
+            if kernel:
+                grad = smooth_gradient(grad, int(kernel))
             if mask is not None:
                 grad = grad * mask
             if g is not None:
@@ -212,6 +240,16 @@ class GradientAttack(FixedBudgetAttack):
         logits = ctx.logits(xa)
         loss = ctx.criterion.loss(logits, index)
         best.update(index, xa, logits, loss, ctx.is_adversarial(logits, index))
+
+    def _diverse_grad(self, ctx: AttackContext, xa: torch.Tensor, index: torch.Tensor
+                      ) -> torch.Tensor:
+        """The input gradient through DI's random resize-and-pad (chained to ``xa``)."""
+        xr = xa.detach().requires_grad_(True)
+        with torch.enable_grad():
+            xt = diverse_inputs(xr, self.input_diversity, ctx.bounds[0], ctx.generator)
+            _, _, gt = ctx.value_and_grad(xt.detach(), index)
+            (grad,) = torch.autograd.grad(xt, xr, gt)
+        return grad
 
 
 class FGSM(GradientAttack):
@@ -236,6 +274,8 @@ class FGSM(GradientAttack):
         l1_sparsity: float = 0.05,
         bpda: bool = False,
         eot: int = 1,
+        input_diversity: float = 0.0,
+        translation_kernel: int | str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -243,7 +283,9 @@ class FGSM(GradientAttack):
             eps, norm, steps=1, step_size=step_size,
             rel_step_size=1.25 if random_start else 1.0,
             random_start=random_start, restarts=1, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -268,13 +310,17 @@ class BIM(GradientAttack):
         l1_sparsity: float = 0.05,
         bpda: bool = False,
         eot: int = 1,
+        input_diversity: float = 0.0,
+        translation_kernel: int | str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=False, restarts=1, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -299,13 +345,17 @@ class PGD(GradientAttack):
         l1_sparsity: float = 0.05,
         bpda: bool = False,
         eot: int = 1,
+        input_diversity: float = 0.0,
+        translation_kernel: int | str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
-            l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed, generator=generator,
+            l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -330,15 +380,82 @@ class MIFGSM(GradientAttack):
         l1_sparsity: float = 0.05,
         bpda: bool = False,
         eot: int = 1,
+        input_diversity: float = 0.0,
+        translation_kernel: int | str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             eps, norm, steps=steps, step_size=step_size, rel_step_size=1.0 / steps,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
-            momentum=momentum, l1_sparsity=l1_sparsity, bpda=bpda, eot=eot, seed=seed,
+            momentum=momentum, l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
             generator=generator,
         )
 
 
-__all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "get_norm"]
+class DIFGSM(MIFGSM):
+    """M-DI2-FGSM (Xie et al., CVPR 2019): MI-FGSM with input diversity ``p = 0.5`` (the paper's
+    setting; the resize-and-pad scaled to the input size, :mod:`medrobust.attacks.boost`)."""
+
+    name = "difgsm"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        input_diversity: float = 0.5,
+        translation_kernel: int | str | None = None,
+        steps: int = 10,
+        step_size: float | None = None,
+        momentum: float = 1.0,
+        random_start: bool = False,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=steps, step_size=step_size, momentum=momentum,
+            random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
+            l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, seed=seed, generator=generator,
+        )
+
+
+class TIFGSM(MIFGSM):
+    """TI-MI-FGSM (Dong et al., CVPR 2019): MI-FGSM with the gradient smoothed by a Gaussian kernel
+    (``"auto"``: the paper's 15 x 15 for 299 px, scaled to the input size)."""
+
+    name = "tifgsm"
+
+    def __init__(
+        self,
+        eps: float | torch.Tensor,
+        norm: str | Norm = "linf",
+        *,
+        translation_kernel: int | str | None = "auto",
+        input_diversity: float = 0.0,
+        steps: int = 10,
+        step_size: float | None = None,
+        momentum: float = 1.0,
+        random_start: bool = False,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        l1_sparsity: float = 0.05,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm, steps=steps, step_size=step_size, momentum=momentum,
+            random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
+            l1_sparsity=l1_sparsity, input_diversity=input_diversity,
+            translation_kernel=translation_kernel, seed=seed, generator=generator,
+        )
+
+
+__all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "DIFGSM", "TIFGSM", "get_norm"]

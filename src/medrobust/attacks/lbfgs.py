@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import Bounds, minimize
 
+from medrobust import progress
 from medrobust.attacks.base import AttackContext, MinimumNormAttack, RunOutput
 from medrobust.attacks.carlini_wagner import _Best
 from medrobust.attacks.unitbox import UnitBox
@@ -121,7 +122,7 @@ class LBFGS(MinimumNormAttack):
         lower = torch.zeros(ctx.n, dtype=torch.float64)
         upper = torch.full((ctx.n,), math.inf, dtype=torch.float64)
         searching = (~already).cpu()
-        for _ in range(self.search_steps):
+        for _ in progress.track(range(self.search_steps), f"L-BFGS ({ctx.n} samples)"):
             idx = searching.nonzero().flatten()
             if idx.numel() == 0:
                 break

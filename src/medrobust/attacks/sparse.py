@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from medrobust import progress
 from medrobust.attacks.base import Attack, AttackContext, RunOutput
 
 _PAIR_BLOCK = 1 << 23  # elements of one (samples x rows x d) block of JSMA's pair scores
@@ -452,7 +453,7 @@ class OnePixel(Attack):
         popu = self._init_population(ctx, index)
         fit, succ = self._evaluate(ctx, index, popu)
         g = 0
-        while True:
+        for _ in progress.track(range(self.generations + 1), f"One-Pixel ({ctx.n} samples)"):
             hit = succ.any(1)
             if g >= self.generations or hit.any():
                 # finished samples: adversarial ones take their first adversarial member, the

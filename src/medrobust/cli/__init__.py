@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # name -> module path; each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, str] = {
@@ -13,11 +15,52 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "medrobust.cli.train",
     "attack": "medrobust.cli.attack",
     "demo": "medrobust.cli.demo",
+    "transfer": "medrobust.cli.transfer",
 }
 
 
 class CLIError(Exception):
     """An error the user can fix; printed as one line, without a traceback."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the text already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.required
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+# Python argument names in messages from library code, and the flags that say the same thing
+_FLAG_WORDING = (
+    (r"\(--trust-code on the command line, trust_code=True in Python\)", "(--trust-code)"),
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\bpass overwrite\b", "use --overwrite"),
+    (r"\bwith overwrite\b", "with --overwrite"),
+    (r"\buse overwrite\b", "use --overwrite"),
+    (r"\btrust_code=True\b", "--trust-code"),
+)
+
+
+def cli_wording(message: str) -> str:
+    """``message`` with the Python argument names it mentions replaced by the CLI flags."""
+    for pattern, flag in _FLAG_WORDING:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
+def attack_names() -> str:
+    """The registered attack names, comma-separated (for help texts)."""
+    from medrobust.attacks import ATTACKS
+
+    return ", ".join(sorted(ATTACKS))
 
 
 def _register() -> dict[str, object]:
@@ -28,14 +71,23 @@ def _register() -> dict[str, object]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    from medrobust import __version__
+
+    names = attack_names()
     parser = argparse.ArgumentParser(
         prog="medrobust",
         description="Adversarial robustness for medical-imaging models.",
+        epilog=f"attacks: {names}",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"medrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = _register()
     for module in modules.values():
-        module.add_parser(sub)  # type: ignore[attr-defined]
+        p: Any = module.add_parser(sub)  # type: ignore[attr-defined]
+        p.formatter_class = HelpFormatter
+        if p.prog.split()[-1] in ("attack", "evaluate"):
+            p.epilog = (p.epilog + "\n\n" if p.epilog else "") + f"attacks: {names}"
     return parser, modules
 
 
@@ -45,10 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from medrobust import progress
+
+    quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
     try:
-        return int(modules[args.command].run(args))  # type: ignore[attr-defined]
+        with progress.shown(not quiet):  # long loops report their steps on stderr
+            return int(modules[args.command].run(args))  # type: ignore[attr-defined]
     except CLIError as err:
-        print(f"medrobust {args.command}: error: {err}", file=sys.stderr)
+        print(f"medrobust {args.command}: error: {cli_wording(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,22 +6,40 @@
 
 The model folder's preprocessing (an intensity window, a resize) runs inside the wrapper, so the
 attack works on the file's own values: Hounsfield units for CT DICOM, [0, 1] intensities for a PNG
-(``level / 255``), the stored values for NIfTI and ``.npy`` (in the units given by ``--units``).
+(``level / 255``), the stored values for NIfTI and ``.npy`` (in the model's units, or mapped into
+them by ``--rescale``).
 
 The adversarial version is written in the input's format (``.dcm``, ``.nii``/``.nii.gz``,
 ``.png``, ``.npy``; a folder holding one DICOM series is attacked as a volume and written as a new
-folder of slices) with everything but the pixel data kept (DICOM elements, NIfTI affine and
-header, PNG mode and text chunks, ``.npy`` dtype and shape), in the file's own storage type. The
+folder of slices) with everything but the pixel data and the derivation marks below kept (DICOM
+elements, NIfTI affine and header, PNG mode and text chunks, ``.npy`` dtype and shape), in the
+file's own storage type. The
 attack runs in float; its result is then snapped to the values the file can store *and
 re-projected onto the budget on that grid* (:meth:`medrobust.io.Grid.snap`), so that the file
 written satisfies ``|change| <= eps`` exactly, in the file's units. The written file is read back
 and evaluated again, and the summary says whether it is still adversarial after that rounding.
 
+The written file says that it was changed: a DICOM gets a derived identity (new SOP Instance and
+Series Instance UIDs, ``ImageType DERIVED\\SECONDARY``, a ``DerivationDescription`` naming
+medrobust, the attack and eps, and a ``SourceImageSequence`` pointing to the original), so that a
+PACS never takes it for the original; ``--keep-uids`` keeps the original UIDs (the file then
+claims to be the original instance: only for experiments that need it, never for a file that may
+reach a PACS). A NIfTI gets the same text as its ``descrip``, a PNG as a ``medrobust`` text chunk.
+
+Before anything is computed, the model and the image are checked against each other
+(:mod:`medrobust.compat`: channels, size recorded in the model folder, units, values, a pixel limit
+read from the header) and the budget against the bounds (an L-inf eps at or above their span
+contains every input). ``--units`` defaults to the model's; ``--rescale`` maps an integer image
+stored in other units (a uint8 ``.npy`` from MedMNIST, a raw MR NIfTI) onto the model's bounds,
+and the result is stored back in the file's own type and units.
+
 Beside it goes a side-by-side PNG (``<out>_compare.png`` by default): the clean image, the
 difference (amplified to full contrast) and the adversarial image, with the predicted class and its
 probability; volumes show the slice with the largest change. Outputs are written to temporary files
-and moved into place only when everything succeeded; an existing output is never replaced without
-``--overwrite``.
+and moved into place only when everything succeeded. ``--out`` never is, contains or lies inside
+``--input``; an existing output is replaced only with ``--overwrite`` and only when medrobust wrote
+it (listed unchanged in the folder's manifest, :data:`medrobust._files.MANIFEST`): nothing else is
+ever deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -55,8 +73,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="attack one image or volume (DICOM, NIfTI, PNG, .npy) and write it back",
         description=(
             "Attack one image or volume with a saved model and write the adversarial version in "
-            "the same format (every DICOM element but the pixel data kept), plus a side-by-side "
-            "PNG. The budget --eps is in the model's input units (--units), e.g. HU for CT."
+            "the same format, marked as derived (a DICOM gets new UIDs, ImageType "
+            "DERIVED\\SECONDARY and a DerivationDescription; other elements kept), plus a "
+            "side-by-side PNG. The budget --eps is in the model's input units (--units), e.g. HU "
+            "for CT."
         ),
     )
     p.add_argument("--model", required=True, help="saved model folder (model.json + weights)")
@@ -64,13 +84,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="the image: .dcm, .nii/.nii.gz, .png or .npy")
     p.add_argument("--out", required=True,
                    help="where to write the adversarial image (same format as --input)")
-    p.add_argument("--attack", default="pgd", help="attack name: fgsm, bim, pgd, mifgsm "
-                   "(default pgd)")
+    p.add_argument("--attack", default="pgd",
+                   help="a fixed-budget attack: " + ", ".join(_fixed_budget_names())
+                   + " (default pgd)")
     p.add_argument("--eps", required=True,
                    help="the budget in the model's units: 5 (HU), 8/255 (for [0, 1] models)")
-    p.add_argument("--units", required=True,
-                   help="units of --eps and of the image; must match the model's (HU, intensity)")
-    p.add_argument("--norm", default="linf", choices=NORMS, help="the budget's norm (linf)")
+    p.add_argument("--units", default=None,
+                   help="units of --eps and of the image (HU, intensity); must match the "
+                   "model's (default: the model's units)")
+    p.add_argument("--rescale", nargs="?", const="auto", default=None,
+                   choices=("auto", "dtype", "minmax"),
+                   help="map an integer image in other units onto the model's bounds: dtype (the "
+                   "type's range, 0..255 for uint8), minmax (the image's own range) or auto "
+                   "(dtype for 8-bit, else minmax; the value when given alone); the result is "
+                   "stored back in the file's type (default: off)")
+    p.add_argument("--norm", default="linf", choices=NORMS, help="the budget's norm (default linf)")
     p.add_argument("--steps", type=int, default=None,
                    help="iterations of iterative attacks (attack default)")
     p.add_argument("--loss", default="ce", choices=("ce", "margin"),
@@ -84,12 +112,27 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None,
                    help="side-by-side PNG to write (default <out>_compare.png)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs an earlier medrobust run wrote (never other files)")
+    p.add_argument("--keep-uids", action="store_true",
+                   help="DICOM: keep the original SOP/Series Instance UIDs. RISK: the adversarial "
+                   "file then claims to be the original instance and can replace or be mistaken "
+                   "for it in a PACS; only for experiments that need it (default: new UIDs, "
+                   "marked as derived)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model folder whose architecture names Python code "
+                   "(package.module:function) to import and run it (default: off)")
     p.set_defaults(command="attack")
     return p  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- small helpers
+def _fixed_budget_names() -> list[str]:
+    from medrobust.attacks import ATTACKS, FixedBudgetAttack
+
+    return sorted(k for k, c in ATTACKS.items() if issubclass(c, FixedBudgetAttack))
+
+
 def parse_eps(text: str) -> float:
     """A positive budget: ``5``, ``0.5``, ``8/255``."""
     s = str(text).strip()
@@ -182,10 +225,29 @@ def default_figure_path(out: Path) -> Path:
 
 
 def _check_output(path: Path, overwrite: bool, what: str, folder: bool = False) -> None:
+    from medrobust._files import few, file_written_by_medrobust, foreign_files, read_manifest
+
     if path.is_dir() and not folder:
         raise CLIError(f"{what} {path} is a folder; give a file name")
+    if path.is_symlink():
+        raise CLIError(f"{what} {path} is a symbolic link; give another name")
     if path.exists() and not overwrite:
         raise CLIError(f"{what} {path} exists; use --overwrite to replace it")
+    if path.exists() and overwrite:
+        if path.is_dir():
+            foreign = foreign_files(path)
+            if foreign or (any(path.iterdir()) and not read_manifest(path)):
+                raise CLIError(
+                    f"{what} {path} holds files medrobust did not write (or that changed since): "
+                    f"{few(foreign) or 'no manifest'}; it is never replaced, even with "
+                    "--overwrite: choose another name or remove it yourself"
+                )
+        elif not file_written_by_medrobust(path):
+            raise CLIError(
+                f"{what} {path} exists and was not written by medrobust (or changed since); it "
+                "is never replaced, even with --overwrite: choose another name or remove it "
+                "yourself"
+            )
     parent = path.parent
     probe = parent
     while not probe.exists():
@@ -328,28 +390,34 @@ def run(args: argparse.Namespace) -> int:
             f"--out {out.name} must be in the input's format ({in_fmt}: "
             f"{' or '.join(mio.FORMATS[in_fmt])})"
         )
-    if out.resolve() == inp.resolve() or (series and inp.resolve() in out.resolve().parents):
-        raise CLIError("--out is the input; write the adversarial image elsewhere")
+    from medrobust._files import overlaps
+
+    if overlaps(out, inp):
+        raise CLIError(
+            f"--out {out} is, contains or lies inside --input {inp}; write the adversarial image "
+            "elsewhere (the input is never replaced or written into)"
+        )
     fig_path = Path(args.figure).expanduser() if args.figure else default_figure_path(out)
     if fig_path.suffix.lower() != ".png":
         raise CLIError(f"--figure {fig_path} must end in .png")
-    if fig_path.resolve() in (out.resolve(), inp.resolve()):
+    if overlaps(fig_path, inp) or overlaps(fig_path, out):
         raise CLIError(f"--figure {fig_path} collides with --input/--out")
     _check_output(out, args.overwrite, "--out", folder=series)
     _check_output(fig_path, args.overwrite, "--figure")
 
     # ---- the model
+    from medrobust.compat import MismatchError, check_eps, check_model_data, check_pixel_limit
     from medrobust.modelstore import ModelError, load_model
 
     try:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, trust_code=bool(args.trust_code))
     except ModelError as err:
         raise CLIError(f"--model: {err}") from None
     if loaded.classifier is None or loaded.task not in ("binary", "multi-class", "ordinal"):
         raise CLIError(f"--model {args.model}: a {loaded.task} model; attack supports "
                        "classifiers (binary, multi-class) only")
     model_units = loaded.units
-    if canonical_units(args.units) != canonical_units(model_units):
+    if args.units is not None and canonical_units(args.units) != canonical_units(model_units):
         raise CLIError(
             f"--units {args.units} does not match the model's units {model_units!r} "
             f"(recorded in {Path(args.model) / 'model.json'}); give the budget in {model_units}"
@@ -358,7 +426,11 @@ def run(args: argparse.Namespace) -> int:
     spatial_dims = inp_meta.get("spatial_dims")
     channels = inp_meta.get("channels")
 
-    # ---- the image
+    # ---- the image: its size from the header first, then the pixels
+    try:
+        check_pixel_limit(mio.peek_size(inp)[0], f"--input {inp.name}")
+    except (DataError, MismatchError) as err:
+        raise CLIError(str(err)) from None
     try:
         image = mio.read_image(inp, units=model_units, spatial_dims=spatial_dims)
     except DataError as err:
@@ -382,25 +454,50 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"--input {inp.name} has {shape[1]} channel(s) but the model takes {channels}"
         )
-    xm = x.reshape(shape)
+    mlo, mhi = loaded.bounds
+    rescale = None
+    grid = image.grid
     clean64 = image.exact_values()
+    if args.rescale is not None:
+        try:
+            rescale = mio.rescale_for(image, (mlo, mhi), str(args.rescale))
+            grid = rescale.grid(image.grid)
+        except DataError as err:
+            raise CLIError(f"--rescale: {err}") from None
+        clean64 = grid.exact(rescale.to_model(clean64))
+        x = torch.from_numpy(clean64.astype(np.float32))
+    xm = x.reshape(shape)
+    xmin, xmax = float(clean64.min()), float(clean64.max())
+    try:
+        check_model_data(
+            loaded.metadata, spatial_shape=shape[2:],
+            value_range=(xmin, xmax), where=f"--input {inp.name}",
+        )
+    except MismatchError as err:
+        hint = "" if rescale is not None or grid.float_dtype is not None else (
+            " (an integer image in other units: try --rescale)")
+        raise CLIError(f"{err}{hint}") from None
+    try:
+        check_eps(eps, norm, (mlo, mhi), int(np.prod(shape)), flag="--eps")
+    except MismatchError as err:
+        raise CLIError(str(err)) from None
 
     # ---- bounds: the model's, widened to hold the scan, within what the file can store
-    mlo, mhi = loaded.bounds
-    xmin, xmax = float(clean64.min()), float(clean64.max())
-    width = mhi - mlo
-    if xmin < mlo - 0.5 * width or xmax > mhi + 0.5 * width:
-        raise CLIError(
-            f"--input {inp.name} values span [{xmin:g}, {xmax:g}], far outside the model's "
-            f"bounds [{mlo:g}, {mhi:g}] {model_units}; is the image in the model's units?"
-        )
-    rlo, rhi = image.grid.value_range()
-    lo, hi = max(min(mlo, xmin), rlo), min(max(mhi, xmax), rhi)
+    rlo, rhi = grid.value_range()
+    # the float32 tensor the model sees may round an extreme value outward by an ulp
+    lo32, hi32 = float(xm.min()), float(xm.max())
+    lo = max(min(mlo, xmin, lo32), min(rlo, lo32))
+    hi = min(max(mhi, xmax, hi32), max(rhi, hi32))
     notes: list[str] = []
-    if xmin < mlo or xmax > mhi:
+    if rescale is not None:
+        notes.append(f"--rescale {rescale.description} ({model_units}); written back in the "
+                     "file's own values")
+    below, above = xmin < mlo, xmax > mhi
+    if below or above:
+        side = "below" if below and not above else "above" if above else "below and above"
         notes.append(
-            f"the image spans [{xmin:g}, {xmax:g}], beyond the model's bounds [{mlo:g}, {mhi:g}];"
-            f" the attack keeps values within [{lo:g}, {hi:g}]"
+            f"the image spans [{xmin:.6g}, {xmax:.6g}], {side} the model's bounds "
+            f"[{mlo:.6g}, {mhi:.6g}]; the attack keeps values within [{lo:.6g}, {hi:.6g}]"
         )
     clf = copy.copy(loaded.classifier)
     clf.bounds = (lo, hi)
@@ -446,7 +543,12 @@ def run(args: argparse.Namespace) -> int:
         return pred == target if target is not None else pred != label
 
     # ---- snap to the file's grid, within the budget, write to temp, re-read, verify
-    written = image.grid.snap(clean64, adv, eps, norm, bounds=(lo, hi))
+    written = grid.snap(clean64, adv, eps, norm, bounds=(lo, hi))
+    from medrobust import __version__
+    from medrobust._files import mark_file_written, mark_folder_written
+
+    derivation = (f"medrobust {__version__} adversarial example: {attack.name} {norm} "
+                  f"eps={args.eps} {model_units} (an attack changed the pixel data)")
     tmp_out: Path | None = None
     tmp_fig: Path | None = None
     created_dirs: list[Path] = []
@@ -468,9 +570,15 @@ def run(args: argparse.Namespace) -> int:
             tmp_out = tmp_parent / out.name
         else:
             tmp_out = mio.temp_path(out)
-        mio.write_image(tmp_out, written, image)
+        to_file = written if rescale is None else rescale.to_file(written)
+        mio.write_image(tmp_out, to_file, image, derivation=derivation,
+                        keep_uids=bool(args.keep_uids))
+        if series:
+            mark_folder_written(tmp_out)
         back = mio.read_image(tmp_out, units=model_units, spatial_dims=spatial_dims)
         back64 = back.exact_values()
+        if rescale is not None:
+            back64 = grid.exact(rescale.to_model(back64))
         delta = back64 - clean64
         # |change| <= eps, up to the float rounding of the unit conversion: with 8-bit PNG
         # levels 8 * (1/255) may print as 1 ulp above 8/255 (relative slack 1e-9)
@@ -480,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
                 "internal check failed: the written file does not hold the snapped image "
                 f"within the budget (max |change| {np.max(np.abs(delta)):g}); nothing written"
             )
-        p_back = _probabilities(clf, back.values.reshape(shape))
+        p_back = _probabilities(clf, torch.from_numpy(back64.astype(np.float32)).reshape(shape))
         still = success_of(p_back)
 
         # ---- figure
@@ -507,6 +615,8 @@ def run(args: argparse.Namespace) -> int:
         except FileExistsError:
             raise CLIError(f"--out {out} appeared while writing; use --overwrite") from None
         tmp_out = None
+        if not series:
+            mark_file_written(out)
         try:
             mio.commit(tmp_fig, fig_path, args.overwrite)
         except FileExistsError:
@@ -517,6 +627,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--figure {fig_path} appeared while writing; use --overwrite") \
                 from None
         tmp_fig = None
+        mark_file_written(fig_path)
         done = True
     except DataError as err:
         raise CLIError(str(err)) from None
@@ -535,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
                     d.rmdir()
 
     # ---- summary
-    step = image.grid.step
+    step = grid.step
     if norm == "linf" and step > 0 and eps < step:
         notes.append(f"eps {eps:g} is below one storage step ({step:g} {model_units}): "
                      "the file cannot change")
@@ -569,7 +680,9 @@ def run(args: argparse.Namespace) -> int:
         "norms_before_rounding": _norms(adv - clean64),
         "norms": _norms(back64 - clean64),
         "within_budget": bool(within),
-        "storage": image.grid.description,
+        "storage": grid.description,
+        "derivation": derivation,
+        "keep_uids": bool(args.keep_uids),
         "storage_step": step,
         "forward_passes": res.forward_passes,
         "backward_passes": res.backward_passes,

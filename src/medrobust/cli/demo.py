@@ -27,7 +27,8 @@ everyone the same result, offline, in about a minute.
 Output folder (``--out``, default ``medrobust-demo/``): ``report.html``, ``results.json``,
 ``figures/``, the trained ``model/`` folder and ``demo.json`` (the marker that makes it a demo
 folder). A folder that is not a demo folder is never touched; an earlier demo folder is replaced
-only with ``--overwrite``. The folder is built in place and removed again if the run fails (an
+only with ``--overwrite``, and only when it holds nothing but the files the demo wrote (listed in
+its manifest, unchanged). The folder is built in place and removed again if the run fails (an
 earlier demo folder is restored).
 """
 
@@ -118,7 +119,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    "threads mostly add overhead, and one thread keeps the timing steady on a "
                    "busy machine)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier demo folder (other folders are never replaced)")
+                   help="replace an earlier demo folder holding only what the demo wrote (other "
+                   "folders and files are never replaced)")
     p.set_defaults(command="demo")
     return p  # type: ignore[no-any-return]
 
@@ -147,6 +149,15 @@ def _check_out(out: Path, overwrite: bool) -> bool:
             )
         if not overwrite:
             raise CLIError(f"--out {out} holds an earlier demo; use --overwrite to replace it")
+        from medrobust._files import few, foreign_files, read_manifest
+
+        foreign = foreign_files(out)
+        if foreign or not read_manifest(out):
+            raise CLIError(
+                f"--out {out} holds files medrobust demo did not write (or that changed since): "
+                f"{few(foreign) or 'no manifest'}; it is never replaced, even with --overwrite: "
+                "move them away or choose another --out"
+            )
         return True
     probe = out if out.exists() else out.parent
     while not probe.exists():
@@ -252,6 +263,9 @@ def _run_in(out: Path, replace: bool, cfg: DemoConfig, seed: int, quick: bool,
         summary = _run_demo(cfg, seed, out, t0)
         marker.update({"complete": True, "config": _cfg_json(cfg), "summary": summary})
         (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        from medrobust._files import mark_folder_written
+
+        mark_folder_written(out)  # what --overwrite may replace next time
     except BaseException:
         if created or was_empty:
             shutil.rmtree(out, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from medrobust.cli import CLIError
 
-DEFAULT_EPS = "0,0.5/255,1/255,2/255,4/255,8/255"
+DEFAULT_EPS = "0,0.5/255,1/255,2/255,4/255,8/255"  # for [0, 1] models; see default_budgets
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -47,9 +47,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "plus) (default: standard)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2", "l1"],
                    help="the norm of the budgets (default: linf)")
-    p.add_argument("--eps", default=DEFAULT_EPS,
+    p.add_argument("--eps", default=None,
                    help=f"comma-separated budgets in the model's input units, fractions allowed "
-                        f"(default: {DEFAULT_EPS})")
+                        f"(default: from the model's units: {DEFAULT_EPS} for [0, 1] images, "
+                        "0,1,2,4,8,16 for HU)")
     p.add_argument("--out", default=None,
                    help="output folder (default: evaluations/<model>-<data>-<split>)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
@@ -72,6 +73,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "and flag gradient masking (medrobust.evaluation.adaptive)")
     p.add_argument("--eot", type=int, default=8,
                    help="with --adaptive: EOT draws for randomized defenses (default: 8)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model folder whose architecture names Python code "
+                        "(package.module:function) to import and run it; only for folders whose "
+                        "author you trust (default: off, only registered networks are built)")
     return p  # type: ignore[no-any-return]
 
 
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
     try:
-        budgets = parse_budgets(args.eps)
+        budgets = None if args.eps is None else parse_budgets(args.eps)
     except EvaluationError as err:
         raise CLIError(str(err)) from None
     attacks = [a.strip() for a in args.attacks.split(",")]
@@ -128,12 +133,28 @@ def run(args: argparse.Namespace) -> int:
     from medrobust.modelstore import ModelError, load_model
 
     try:
-        loaded = load_model(model_dir, device=args.device)
+        loaded = load_model(model_dir, device=args.device, trust_code=args.trust_code)
     except ModelError as err:
         raise CLIError(str(err)) from None
     except RuntimeError as err:  # e.g. an unavailable device
         raise CLIError(f"{model_dir}: cannot load the model on {args.device!r} ({err})") from None
     data = _load_data(args.data, args.split, args.limit)
+    from medrobust.compat import MismatchError, check_eps, check_evaluation
+    from medrobust.evaluation.budgets import default_budgets
+
+    if budgets is None:  # from the model's units: HU get HU, [0, 1] images fractions of 255
+        budgets = (parse_budgets(DEFAULT_EPS) if loaded.bounds == (0.0, 1.0) and args.norm ==
+                   "linf" else default_budgets(loaded.bounds, args.norm, loaded.units))
+    try:
+        check_evaluation(loaded, data)
+    except MismatchError as err:
+        raise CLIError(f"--model {model_dir} / --data {args.data}: {err}") from None
+    try:
+        for b in budgets:
+            check_eps(b.value, args.norm, loaded.bounds, int(data.images[0].numel()),
+                      flag="--eps")
+    except MismatchError as err:
+        raise CLIError(str(err)) from None
 
     if args.out is None:
         stem = Path(str(args.data)).name.split(".")[0] or "data"

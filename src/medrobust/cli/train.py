@@ -7,8 +7,11 @@ Example::
 The output folder holds the saved model (``model.json`` + ``weights.safetensors``, see
 :mod:`medrobust.modelstore`) and ``metrics.jsonl`` (one line of metrics per epoch). It is written
 into a temporary sibling folder and renamed into place at the end, so an error or Ctrl-C leaves
-nothing half-written. The kept weights are those of the epoch with the best validation AUC (ACC and
-AUC as the MedMNIST v2 benchmark reports them).
+nothing half-written (a run killed with SIGKILL leaves a hidden temporary folder, which the next run
+into the same ``--out`` removes). ``--overwrite`` replaces only a folder medrobust wrote (its
+manifest lists every file, unchanged); a folder holding anything else is never replaced. The kept
+weights are those of the epoch with the best validation AUC (ACC and AUC as the MedMNIST v2
+benchmark reports them).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="multistep", choices=["multistep", "cosine", "none"],
                    help="LR schedule; multistep = x0.1 at 50%% and 75%% (MedMNIST)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default: %(default)s")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available), cpu, cuda, cuda:1 (default: %(default)s)")
     p.add_argument("--size", type=int, default=None,
                    help="dataset image size (MedMNIST 28/64/128/224; phantom size)")
     p.add_argument("--input-size", default=None,
@@ -87,7 +91,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-test", action="store_true", help="do not evaluate on the test split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty --out folder")
+                   help="replace an --out folder an earlier medrobust run wrote (a folder holding "
+                        "other files is never replaced)")
     p.set_defaults(command="train")
     return p
 
@@ -263,6 +268,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--out {out}: folder exists and is not empty (use --overwrite)")
+    from medrobust.modelstore import check_replaceable
+
+    try:  # --overwrite replaces only a folder medrobust wrote, nothing else
+        check_replaceable(out, bool(args.overwrite), flag="--overwrite")
+    except ModelError as err:
+        raise CLIError(f"--out {err}") from None
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
@@ -349,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         print("  ".join(parts) + ("  *best" if rec.get("best") else ""), flush=True)
 
     try:
-        with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        with atomic_directory(out, overwrite=args.overwrite, flag="--overwrite") as tmp:
             try:
                 result = train(
                     net, train_data, val_data, epochs=args.epochs, batch_size=args.batch_size,

@@ -15,9 +15,18 @@ always produces an image :func:`write_dicom` can store. For other modalities the
 range the stored integer type (``BitsStored``, ``PixelRepresentation``) can represent after
 rescale.
 
+Input checks: a CT image without ``RescaleSlope``/``RescaleIntercept`` (whose stored values
+cannot be read as HU), a ``RescaleSlope`` of 0, and pixel data that cannot be decoded (a
+compressed transfer syntax without its codec) are :class:`DataError` naming the file, raised when
+the file is read.
+
 Writing: :func:`write_dicom` inverts the rescale, rounds, clips to the stored integer range and
-replaces *only* ``PixelData``; every other element (UIDs included) is kept as read. Files are
-written to a temporary name and renamed when complete.
+replaces ``PixelData``; every other element is kept as read. A compressed file is written back
+uncompressed (Explicit VR Little Endian). With ``derivation=`` (what ``medrobust attack`` passes),
+the result is marked as a derived image by :func:`mark_derived`: new SOP Instance UIDs (and one new
+Series Instance UID for a series), ``ImageType DERIVED\\SECONDARY``, a ``DerivationDescription``
+and a ``SourceImageSequence`` pointing to the original instance, so that a PACS never takes it
+for the original. Files are written to a temporary name and renamed when complete.
 
 Windows: :func:`apply_window` maps values to [0, 1] with a linear ramp between
 ``center - width/2`` and ``center + width/2`` (pure torch, differentiable inside the window), with
@@ -49,6 +58,7 @@ __all__ = [
     "get_window",
     "is_dicom_file",
     "load_dicom",
+    "mark_derived",
     "write_dicom",
 ]
 
@@ -170,6 +180,25 @@ def _rescale(ds: Any) -> tuple[float, float]:
             float(intercept) if intercept not in (None, "") else 0.0)
 
 
+def _check_rescale(ds: Any, path: Path) -> None:
+    """A CT needs both rescale elements (else its values are not HU); a slope of 0 maps every
+    stored value to the intercept (and cannot be inverted to write the image back)."""
+    modality = str(ds.get("Modality", "")).upper()
+    missing = [k for k in ("RescaleSlope", "RescaleIntercept") if ds.get(k, None) in (None, "")]
+    if modality == "CT" and missing and int(ds.get("SamplesPerPixel", 1)) == 1:
+        raise DataError(
+            f"{path}: a CT image without {' and '.join(missing)}: its stored values cannot be "
+            "read as Hounsfield units; add the rescale elements the scanner used (often "
+            "RescaleSlope 1, RescaleIntercept -1024)"
+        )
+    slope, _ = _rescale(ds)
+    if slope == 0 or slope != slope:
+        raise DataError(
+            f"{path}: RescaleSlope is {ds.get('RescaleSlope')!r}: every stored value would map to "
+            "the intercept; the file's rescale elements are broken"
+        )
+
+
 def _units(ds: Any) -> str:
     modality = str(ds.get("Modality", "")).upper()
     if modality == "CT":
@@ -190,9 +219,12 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as e:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        what = f"{ts.name} " if ts is not None and ts.is_compressed else ""
+        detail = " ".join(str(e).split())[:300]
         raise DataError(
-            f"{path}: cannot decode the pixel data ({type(e).__name__}: {e}); the file may be "
-            "truncated, or compressed with a codec that is not installed"
+            f"{path}: cannot decode the {what}pixel data ({type(e).__name__}: {detail}); the file "
+            "may be truncated, or compressed with a codec that is not installed"
         ) from e
     return np.asarray(arr)
 
@@ -283,6 +315,8 @@ def load_dicom(
         datasets = [_read(p)]
         paths = [p]
 
+    for d, f in zip(datasets, paths, strict=True):
+        _check_rescale(d, f)
     arrays = [_pixels(d, f) for d, f in zip(datasets, paths, strict=True)]
     first = datasets[0]
     spp = int(first.get("SamplesPerPixel", 1))
@@ -356,6 +390,64 @@ def load_dicom(
     )
 
 
+def mark_derived(
+    datasets: Sequence[Any], description: str, *, keep_uids: bool = False
+) -> list[Any]:
+    """Copies of ``datasets`` (one image, or the slices of one series) marked as images derived
+    from them, so that a changed image can never pass for the original in a PACS.
+
+    Each copy gets (DICOM PS3.3 C.7.6.1, General Image module):
+
+    * a new ``SOPInstanceUID`` (and the file meta's ``MediaStorageSOPInstanceUID`` equal to it);
+    * a new ``SeriesInstanceUID``, one for all copies that shared a series;
+    * ``ImageType`` ``DERIVED\\SECONDARY`` (further values, such as ``AXIAL``, kept);
+    * ``DerivationDescription`` = ``description`` (cut to the 1024 characters of its VR);
+    * ``SourceImageSequence``: one item referencing the original's SOP class and instance.
+
+    Everything else is kept. ``keep_uids=True`` keeps the original SOP/Series/media UIDs (the
+    copy then claims the original's identity: only for experiments that need it, never for
+    files that may reach a PACS) and adds no self-referencing ``SourceImageSequence``;
+    ``ImageType`` and ``DerivationDescription`` still mark it.
+
+    Returns:
+        The marked copies (the inputs are not modified).
+    """
+    _pydicom()  # a clear ImportError without pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import generate_uid
+
+    text = str(description)[:1024]
+    new_series: dict[str, str] = {}
+    out = []
+    for ds0 in datasets:
+        ds = copy.deepcopy(ds0)
+        image_type = list(ds0.get("ImageType", []) or [])
+        image_type = ["DERIVED", "SECONDARY", *[str(v) for v in image_type[2:]]]
+        ds.ImageType = image_type
+        ds.DerivationDescription = text
+        if not keep_uids:
+            old_sop = ds0.get("SOPInstanceUID")
+            old_class = ds0.get("SOPClassUID") or getattr(
+                getattr(ds0, "file_meta", None), "MediaStorageSOPClassUID", None)
+            sop = generate_uid()
+            ds.SOPInstanceUID = sop
+            if getattr(ds, "file_meta", None) is not None:
+                ds.file_meta.MediaStorageSOPInstanceUID = sop
+            series = str(ds0.get("SeriesInstanceUID", "") or "")
+            if series not in new_series:
+                new_series[series] = generate_uid()
+            ds.SeriesInstanceUID = new_series[series]
+            if old_sop:
+                ref = Dataset()
+                if old_class:
+                    ref.ReferencedSOPClassUID = old_class
+                ref.ReferencedSOPInstanceUID = old_sop
+                ds.SourceImageSequence = DicomSequence([ref])
+        out.append(ds)
+    return out
+
+
 def _to_stored(ds: Any, values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     lo, hi, dtype = _stored_range(ds)
     stored = np.rint((values.astype(np.float64) - intercept) / slope)
@@ -363,6 +455,24 @@ def _to_stored(ds: Any, values: np.ndarray, slope: float, intercept: float) -> n
     ts = getattr(ds.file_meta, "TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
     little = True if ts is None else bool(ts.is_little_endian)
     return stored.astype(dtype.newbyteorder("<" if little else ">"))
+
+
+def _uncompressed(ds: Any, where: Path) -> Any:
+    """``ds`` itself when its pixel data are uncompressed, else a decompressed copy (Explicit VR
+    Little Endian; its pixel data are replaced by the writer anyway)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts is None or not ts.is_compressed:
+        return ds
+    out = copy.deepcopy(ds)
+    try:
+        out.decompress()
+    except Exception as e:
+        raise DataError(
+            f"{where}: cannot write back the {ts.name} compressed template uncompressed "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    return out
 
 
 def _write_one(ds: Any, path: Path) -> None:
@@ -381,13 +491,19 @@ def write_dicom(
     path: str | os.PathLike[str],
     image_in_units: torch.Tensor | np.ndarray,
     template_meta: dict[str, Any] | ImageData,
+    *,
+    derivation: str | None = None,
+    keep_uids: bool = False,
 ) -> list[Path]:
-    """Write an image (in the units :func:`load_dicom` gave) back as DICOM, pixel data only changed.
+    """Write an image (in the units :func:`load_dicom` gave) back as DICOM, pixel data changed.
 
     The rescale is inverted (``stored = round((value - intercept) / slope)``), values are
     clipped to the stored integer range and cast to the stored type; ``PixelData`` is replaced
-    and every other element is kept exactly as read (UIDs included: give the result new UIDs
-    yourself if it must coexist with the original in a PACS).
+    and every other element is kept as read. A compressed template is written uncompressed
+    (Explicit VR Little Endian). With ``derivation`` (a text naming what changed the image), the
+    files are marked as derived images with new identities (:func:`mark_derived`; ``keep_uids``
+    keeps the original UIDs). Without it the UIDs are kept: the result then claims to be the
+    original.
 
     Args:
         path: for a single-file template, the output file; for a series, an output folder
@@ -400,7 +516,7 @@ def write_dicom(
         The files written. Each is written to a temporary file and renamed when complete.
 
     Raises:
-        DataError: NaN values, a shape that does not match the template, a compressed template.
+        DataError: NaN values, a shape that does not match the template.
     """
     meta = template_meta.meta if isinstance(template_meta, ImageData) else template_meta
     if "datasets" not in meta:
@@ -412,13 +528,9 @@ def write_dicom(
     out = Path(path).expanduser()
     if not np.isfinite(x).all():
         raise DataError(f"{out}: image holds NaN or infinite values; nothing written")
-    for ds in datasets:
-        ts = ds.file_meta.TransferSyntaxUID if hasattr(ds, "file_meta") else None
-        if ts is not None and ts.is_compressed:
-            raise DataError(
-                f"{out}: the template is compressed ({ts.name}); writing back needs an "
-                "uncompressed transfer syntax"
-            )
+    datasets = [_uncompressed(ds, out) for ds in datasets]
+    if derivation is not None:
+        datasets = mark_derived(datasets, derivation, keep_uids=keep_uids)
     first = datasets[0]
     spp = int(first.get("SamplesPerPixel", 1))
     rows, cols = int(first.Rows), int(first.Columns)

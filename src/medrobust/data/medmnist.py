@@ -700,14 +700,21 @@ def load_medmnist(
     flag, sz = parse_medmnist_name(s, size)
     path = find_medmnist(flag, sz, root=root, cache_dir=cache_dir)
     if path is None:
+        fname = medmnist_filename(flag, sz)
+        where = [str(Path(x).expanduser()) for x in (root, os.environ.get("MEDROBUST_DATA")) if x]
+        where.append(str(Path(cache_dir).expanduser() if cache_dir else default_cache_dir()))
+        how = (f"put {fname} in a folder and set MEDROBUST_DATA to that folder, or give the "
+               "file's path instead of the name")
         if not download:
-            where = [str(x) for x in (root, os.environ.get("MEDROBUST_DATA")) if x]
-            where.append(str(Path(cache_dir) if cache_dir else default_cache_dir()))
             raise DataError(
-                f"{medmnist_filename(flag, sz)}: file not found in {', '.join(where)} "
-                "and download=False"
+                f"{fname}: not found in {', '.join(where)} (downloading is off); {how}"
             )
-        path = download_medmnist(flag, sz, cache_dir=cache_dir, base_url=base_url)
+        try:
+            path = download_medmnist(flag, sz, cache_dir=cache_dir, base_url=base_url)
+        except DataError as err:
+            raise DataError(
+                f"{fname}: not found in {', '.join(where)}, and {err}; {how}"
+            ) from err
     data = load_npz(path, split, info=MEDMNIST_INFO[flag], limit=limit, indices=indices)
     data.meta["size"] = sz
     return data

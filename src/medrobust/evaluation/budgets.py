@@ -86,11 +86,20 @@ def parse_budgets(items: str | Sequence[str | float | int | Budget]) -> list[Bud
     return [out[v] for v in sorted(out)]
 
 
-def default_budgets(bounds: tuple[float, float], norm: str) -> list[Budget]:
-    """Budgets when none are given: 0, 1, 2, 4, 8 /255 of the input range under L-inf (the usual
-    sweep for [0, 1] images), and 0, 0.1, 0.25, 0.5, 1 times the range under L2 / L1."""
-    span = bounds[1] - bounds[0]
+def default_budgets(bounds: tuple[float, float], norm: str,
+                    units: str | None = None) -> list[Budget]:
+    """Budgets when none are given, from the model's units and bounds.
+
+    L-inf: Hounsfield units (``units="HU"``): 0, 1, 2, 4, 8, 16 HU (CT noise is about 10 HU, so
+    these run from invisible to the noise level); otherwise 0, 1, 2, 4, 8 /255 of the span (the
+    usual sweep for [0, 1] images). L2 / L1: 0, 0.1, 0.25, 0.5, 1
+    times the span.
+    """
+    span = float(bounds[1]) - float(bounds[0])
+    hu = units is not None and str(units).strip().lower() in ("hu", "hounsfield")
     if norm == "linf":
+        if hu:
+            return [Budget(float(v), f"{v:g}") for v in (0, 1, 2, 4, 8, 16)]
         fr = [0, 1, 2, 4, 8]
         if span == 1.0:
             return [Budget(f / 255, f"{f}/255" if f else "0") for f in fr]

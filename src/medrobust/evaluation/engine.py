@@ -162,6 +162,7 @@ def evaluate(
     from medrobust import __version__
     from medrobust.evaluation.schema import SCHEMA_VERSION
 
+    __import__("medrobust.compat").compat.check_evaluation(model, data)  # model/data fit
     started = time.time()
     started_iso = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     norm_name = _check_args(norm, batch_size, seed, direction)

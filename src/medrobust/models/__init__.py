@@ -14,13 +14,18 @@ from medrobust.models.base import (
     ModelOutputError,
     check_capabilities,
 )
+from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
+from medrobust.models.ensemble import Ensemble
 
 __all__ = [
+    "BlackBox",
     "Capabilities",
     "Classifier",
+    "Ensemble",
     "LossFn",
     "Model",
     "ModelOutputError",
+    "QueryBudget",
     "check_capabilities",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from medrobust.nets.resnet import resnet18, resnet18_3d, resnet34, resnet50, resnet50_3d
 from medrobust.nets.smallcnn import smallcnn
 from medrobust.nets.unet import unet, unet_3d
+from medrobust.nets.vit import vit
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ NETWORKS: dict[str, NetworkSpec] = {
         NetworkSpec("resnet50", resnet50, "classification", None, "ResNet-50, MedMNIST 28-px stem"),
         NetworkSpec("resnet18_3d", resnet18_3d, "classification", 3, "3D ResNet-18 for volumes"),
         NetworkSpec("resnet50_3d", resnet50_3d, "classification", 3, "3D ResNet-50 for volumes"),
+        NetworkSpec("vit", vit, "classification", None,
+                    "MONAI vision transformer (4-px patches, 6 layers), 2D or 3D"),
         NetworkSpec("unet", unet, "segmentation", None, "MONAI UNet, 2D or 3D"),
         NetworkSpec("unet_3d", unet_3d, "segmentation", 3, "MONAI UNet, 3D"),
     )

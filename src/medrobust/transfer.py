@@ -1,0 +1,270 @@
+"""Transfer matrices: how adversarial examples crafted on one model fool another.
+
+Liu, Chen, Liu & Song, "Delving into Transferable Adversarial Examples and Black-box Attacks",
+ICLR 2017, Table 1 layout: rows are the proxy (source) models the examples are crafted on, columns
+the target models they are evaluated on; the diagonal is the white-box case. Each cell holds the
+target's accuracy on the examples, and the transfer success: the fraction of the samples the
+target classifies correctly when clean that it misclassifies on the examples (samples it already
+gets wrong are not counted as fooled). The hold-one-out ensemble table (their Table 4) crafts on an
+:class:`~medrobust.models.Ensemble` of every model but one and evaluates on the one held out.
+
+All models must take inputs in the same bounds and units (a budget means the same thing for all):
+models that differ are refused with an error naming them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from medrobust.attacks import Attack, get_attack
+from medrobust.models import Classifier
+from medrobust.models.ensemble import Ensemble
+
+AttackSpec = str | Attack | Callable[[float], Attack]
+
+__all__ = ["TransferResult", "transfer"]
+
+
+@dataclass
+class TransferResult:
+    """A transfer matrix and its hold-one-out ensemble table.
+
+    Attributes:
+        names: the models, in row/column order.
+        eps, norm: the budget.
+        attack: the attack's configuration (as crafted on the first proxy).
+        n: the number of samples.
+        clean_accuracy: per model.
+        correct: per model, how many samples it classifies correctly when clean.
+        accuracy: ``accuracy[i][j]``: model ``j``'s accuracy on the examples crafted on ``i``.
+        success: ``success[i][j]``: fraction of ``j``'s clean-correct samples that the examples
+            crafted on ``i`` fool (``nan`` when ``j`` gets none right).
+        ensemble_accuracy, ensemble_success: per held-out model ``j``: crafted on the ensemble of
+            all the others (``None`` when fewer than 3 models or disabled).
+        combine: how the ensemble fused its members.
+    """
+
+    names: list[str]
+    eps: float
+    norm: str
+    attack: dict[str, Any]
+    n: int
+    clean_accuracy: list[float]
+    correct: list[int]
+    accuracy: list[list[float]]
+    success: list[list[float]]
+    ensemble_accuracy: list[float] | None = None
+    ensemble_success: list[float] | None = None
+    combine: str = "logits"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``nan`` written as ``None``)."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, list):
+                return [clean(u) for u in v]
+            if isinstance(v, dict):
+                return {k: clean(u) for k, u in v.items()}
+            return v
+
+        return clean({
+            "layout": "rows: proxy (source) model; columns: target model; diagonal: white box",
+            "names": self.names, "eps": self.eps, "norm": self.norm, "attack": self.attack,
+            "n": self.n, "clean_accuracy": self.clean_accuracy, "correct": self.correct,
+            "accuracy": self.accuracy, "success": self.success,
+            "ensemble": None if self.ensemble_success is None else {
+                "combine": self.combine,
+                "held_out": self.names,
+                "accuracy": self.ensemble_accuracy,
+                "success": self.ensemble_success,
+            },
+            "extra": self.extra,
+        })
+
+    def to_markdown(self, what: str = "success") -> str:
+        """The matrix as a Markdown table (``what``: ``"success"`` or ``"accuracy"``)."""
+        m = self.success if what == "success" else self.accuracy
+        head = "| proxy \\ target | " + " | ".join(self.names) + " |"
+        sep = "|---" * (len(self.names) + 1) + "|"
+        rows = [
+            f"| {a} | " + " | ".join(_fmt(v) for v in row) + " |"
+            for a, row in zip(self.names, m, strict=True)
+        ]
+        out = [head, sep, *rows]
+        ens = self.ensemble_success if what == "success" else self.ensemble_accuracy
+        if ens is not None:
+            out.append("| ensemble of the others | " + " | ".join(_fmt(v) for v in ens) + " |")
+        return "\n".join(out)
+
+
+def _fmt(v: float) -> str:
+    return "-" if not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
+def _unpack_models(
+    models: Mapping[str, Any] | Sequence[Any],
+) -> tuple[list[str], list[Classifier], list[str | None]]:
+    items = list(models.items()) if isinstance(models, Mapping) else [
+        (f"model{i}", m) for i, m in enumerate(models)
+    ]
+    if len(items) < 2:
+        raise ValueError(f"a transfer matrix needs at least 2 models; got {len(items)}")
+    names, clfs, units = [], [], []
+    for name, m in items:
+        unit = getattr(m, "units", None)
+        clf = getattr(m, "classifier", m)
+        if not isinstance(clf, Classifier):
+            raise TypeError(
+                f"model {name!r} is a {type(m).__name__}; expected a medrobust.Classifier or a "
+                "loaded model folder"
+            )
+        names.append(str(name))
+        clfs.append(clf)
+        units.append(str(unit) if unit is not None else None)
+    bounds = {c.bounds for c in clfs}
+    if len(bounds) > 1:
+        detail = ", ".join(f"{n}: {c.bounds}" for n, c in zip(names, clfs, strict=True))
+        raise ValueError(
+            f"the models take inputs in different bounds ({detail}); a transfer matrix needs one "
+            "input space (the same bounds and units) so that eps means the same for all"
+        )
+    known = {u for u in units if u is not None}
+    if len(known) > 1:
+        detail = ", ".join(f"{n}: {u}" for n, u in zip(names, units, strict=True) if u)
+        raise ValueError(f"the models take inputs in different units ({detail})")
+    return names, clfs, units
+
+
+def _make_attack(spec: AttackSpec, eps: float, norm: str, seed: int,
+                 kwargs: Mapping[str, Any]) -> Attack:
+    if isinstance(spec, Attack):
+        return spec
+    if isinstance(spec, str):
+        from medrobust.attacks import ATTACKS
+
+        key = spec.lower().replace("-", "").replace("_", "")
+        if key not in ATTACKS:
+            raise ValueError(f"unknown attack {spec!r}; expected one of {sorted(ATTACKS)}")
+        params = inspect.signature(ATTACKS[key]).parameters
+        kw: dict[str, Any] = dict(kwargs)
+        if "eps" in params:
+            kw.setdefault("eps", eps)
+        if "norm" in params:
+            kw.setdefault("norm", norm)
+        if "seed" in params:
+            kw.setdefault("seed", seed)
+        return get_attack(spec, **kw)
+    if callable(spec):
+        out = spec(eps)
+        if not isinstance(out, Attack):
+            raise TypeError(f"the attack factory returned {type(out).__name__}, not an Attack")
+        return out
+    raise TypeError(f"attack must be a name, an Attack or a factory eps -> Attack; got "
+                    f"{type(spec).__name__}")
+
+
+def _craft(attack: Attack, model: Any, x: torch.Tensor, y: torch.Tensor,
+           batch_size: int) -> torch.Tensor:
+    parts = [attack(model, x[i:i + batch_size], y[i:i + batch_size]).adversarial
+             for i in range(0, len(x), batch_size)]
+    return torch.cat(parts)
+
+
+def _norm_name(attack: Attack, default: str) -> str:
+    norm = getattr(attack, "norm", None)
+    name = getattr(norm, "name", None)
+    return str(name) if name is not None else default
+
+
+def _data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return data.images, data.labels
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        return torch.as_tensor(x), torch.as_tensor(y)
+    raise TypeError("data must be (inputs, labels) or an ImageData (medrobust.data)")
+
+
+def transfer(
+    models: Mapping[str, Any] | Sequence[Any],
+    data: Any,
+    attack: AttackSpec = "pgd",
+    eps: float = 4 / 255,
+    norm: str = "linf",
+    *,
+    ensemble: bool = True,
+    combine: str = "logits",
+    attack_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> TransferResult:
+    """The transfer matrix of ``attack`` at ``eps`` between ``models`` on ``data``.
+
+    Args:
+        models: ``{name: Classifier or loaded model folder}`` or a list (named ``model0`` ...).
+        data: ``(inputs, labels)`` in the models' bounds, or an ``ImageData``.
+        attack: an attack name (built with ``eps``, ``norm``, ``seed`` and ``attack_kwargs``), an
+            :class:`~medrobust.attacks.Attack`, or a factory ``eps -> Attack``.
+        eps, norm: the budget.
+        ensemble: also compute the hold-one-out ensemble table (needs >= 3 models).
+        combine: the ensemble's fusion (``"logits"`` or ``"loss"``).
+        seed: the attacks' seed.
+        batch_size: samples per attack call.
+    """
+    names, clfs, units = _unpack_models(models)
+    x, y = _data(data)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"data has {x.shape[0]} inputs but {y.shape[0]} labels")
+    for c in clfs:
+        c.check_inputs(x, "data inputs")
+    y = y.long()
+    k = len(clfs)
+    preds_clean = [c.predict(x) for c in clfs]
+    correct = [p == y for p in preds_clean]
+    atk = _make_attack(attack, eps, norm, seed, attack_kwargs or {})
+
+    def row(adv: torch.Tensor, targets: Sequence[int]) -> tuple[list[float], list[float]]:
+        acc, suc = [], []
+        for j in targets:
+            p = clfs[j].predict(adv)
+            acc.append(float((p == y).float().mean()))
+            ok = correct[j]
+            suc.append(float((p[ok] != y[ok]).float().mean()) if ok.any() else float("nan"))
+        return acc, suc
+
+    accuracy, success = [], []
+    for i in range(k):
+        adv = _craft(atk, clfs[i], x, y, batch_size)
+        a, s = row(adv, range(k))
+        accuracy.append(a)
+        success.append(s)
+    ens_acc: list[float] | None = None
+    ens_suc: list[float] | None = None
+    if ensemble and k >= 3:
+        ens_acc, ens_suc = [], []
+        for j in range(k):
+            others = [clfs[i] for i in range(k) if i != j]
+            u = [units[i] for i in range(k) if i != j]
+            model = Ensemble(others, combine=combine,
+                             units=None if any(v is None for v in u) else u)  # type: ignore[arg-type]
+            adv = _craft(atk, model, x, y, batch_size)
+            a, s = row(adv, [j])
+            ens_acc.append(a[0])
+            ens_suc.append(s[0])
+    return TransferResult(
+        names=names, eps=float(getattr(atk, "eps", eps)), norm=_norm_name(atk, norm),
+        attack=atk.config(), n=int(x.shape[0]),
+        clean_accuracy=[float(c.float().mean()) for c in correct],
+        correct=[int(c.sum()) for c in correct],
+        accuracy=accuracy, success=success,
+        ensemble_accuracy=ens_acc, ensemble_success=ens_suc, combine=combine,
+    )
