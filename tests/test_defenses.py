@@ -345,7 +345,7 @@ def test_evaluate_adaptive_flags_jpeg_as_masking(pneumonia, tmp_path, capsys) ->
         assert (tmp_path / "ev" / part / "results.json").is_file()
     # an undefended model: a clear error, exit code 2
     plain = save_model(tmp_path / "plain", net, architecture="smallcnn", arch_args=args,
-                       class_names=names, task="binary")
+                       class_names=["normal", "lesion"], task="binary")  # the phantom's classes
     rc = main(["evaluate", "--model", str(plain), "--data", "phantom-16", "--limit", "8",
                "--attacks", "pgd", "--adaptive", "--out", str(tmp_path / "ev2"), "--quiet"])
     assert rc == 2 and "has no defense" in capsys.readouterr().err

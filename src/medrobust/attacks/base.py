@@ -279,7 +279,7 @@ class Attack(ABC):
             m_dev = None if m is None else m.to(device=device, dtype=dtype)
             ctx = AttackContext(model, x, y_dev, t_dev, crit, m_dev, num_classes, gen)
             ctx.forward_passes = ctx_forward
-            ctx.bpda, ctx.eot = bool(getattr(self, "bpda", False)), int(getattr(self, "eot", 1))
+            ctx.bpda, ctx.eot = _adaptive_options(self)
             eps = self._budget(n, device)
             out = self.run(ctx)
             adv_w, logits = self._enforce(ctx, out, eps)
@@ -464,6 +464,14 @@ def _check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     if m.is_floating_point() and not torch.isfinite(m).all():
         raise ValueError("mask contains NaN or Inf")
     return (m != 0).to(inputs.dtype)
+
+
+def _adaptive_options(attack: Attack) -> tuple[bool, int]:
+    """An attack's ``bpda`` (bool) and ``eot`` (a positive int) for a defended model; attacks
+    whose ``eot`` means something else (a patch attack's transformation set) get ``(.., 1)``."""
+    eot = getattr(attack, "eot", 1)
+    eot = eot if isinstance(eot, int) and not isinstance(eot, bool) and eot >= 1 else 1
+    return getattr(attack, "bpda", False) is True, eot
 
 
 def _rows_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
