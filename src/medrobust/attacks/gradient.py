@@ -415,6 +415,8 @@ class DIFGSM(MIFGSM):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -422,7 +424,8 @@ class DIFGSM(MIFGSM):
             eps, norm, steps=steps, step_size=step_size, momentum=momentum,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -447,6 +450,8 @@ class TIFGSM(MIFGSM):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -454,7 +459,8 @@ class TIFGSM(MIFGSM):
             eps, norm, steps=steps, step_size=step_size, momentum=momentum,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
