@@ -222,3 +222,20 @@ def test_square_from_main_attacks_a_score_black_box(pneumonia_model):
     assert res.forward_passes == bb.queries
     assert res.success.float().mean() >= 0.5
     assert float((res.adversarial - x).abs().max()) <= 12 / 255 + 1e-6
+
+
+def test_square_respects_the_black_box_query_budget(pneumonia_model):
+    """BlackBox(max_queries=q): Square spends at most q queries on any sample (the final check of
+    the returned batch is the base class's and counts once more), and returns its best so far."""
+    from medrobust.attacks import Square
+
+    x, y = _correct(pneumonia_model, 8)
+    net = pneumonia_model.model.module
+    bb = mr.BlackBox(lambda z: torch.softmax(net(z), 1), output="probs", max_queries=15)
+    res = Square(1 / 255, n_queries=500, restarts=2, seed=0)(bb, x, y)
+    spent = res.extra["queries"]
+    assert int(spent.max()) <= 15
+    assert int(spent[~res.success].min()) == 15  # the failures used their whole budget
+    unlimited = Square(1 / 255, n_queries=60, seed=0)(
+        mr.BlackBox(lambda z: torch.softmax(net(z), 1), output="probs"), x, y)
+    assert int(unlimited.extra["queries"].max()) > 15

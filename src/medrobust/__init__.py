@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medrobust.models import BlackBox, Classifier, Ensemble
+from medrobust.models import BlackBox, Classifier, Detector, Ensemble, Segmenter
 from medrobust.norms import L1, L2, Linf, get_norm
 from medrobust.results import AttackResult
 from medrobust.transfer import TransferResult, transfer
@@ -29,10 +29,12 @@ __all__ = [
     "AttackResult",
     "BlackBox",
     "Classifier",
+    "Detector",
     "Ensemble",
     "L1",
     "L2",
     "Linf",
+    "Segmenter",
     "TransferResult",
     "evaluate",
     "get_norm",

@@ -69,7 +69,7 @@ from medrobust._files import (
     mark_folder_written,
     sha256_of,
 )
-from medrobust.models import Classifier
+from medrobust.models import Classifier, Segmenter
 from medrobust.preprocessing import PreprocessingError, from_config, output_size
 from medrobust.preprocessing import to_config as preprocessing_to_config
 
@@ -543,6 +543,8 @@ class LoadedModel:
             ``num_classes`` set; ``None`` for a segmentation model.
         metadata: the ``model.json`` content.
         path: the directory (``None`` for :func:`load_from_factory`).
+        segmenter: a :class:`medrobust.Segmenter` (bounds, mean/std, preprocessing,
+            ``num_classes``) for a segmentation model; ``None`` otherwise.
     """
 
     module: nn.Module
@@ -550,6 +552,15 @@ class LoadedModel:
     metadata: dict[str, Any]
     path: Path | None = None
     preprocess: nn.Module | None = field(default=None, repr=False)
+    segmenter: Segmenter | None = None
+
+    @property
+    def model(self) -> Classifier | Segmenter:
+        """The wrapped model, whatever its kind (classifier or segmenter)."""
+        wrapped = self.classifier if self.classifier is not None else self.segmenter
+        if wrapped is None:  # pragma: no cover - load_model always wraps one
+            raise ModelError("this model has no wrapper")
+        return wrapped
 
     @property
     def task(self) -> str:
@@ -829,6 +840,28 @@ def _load_defense(entry: Any, where: Path | str) -> dict[str, Any]:
     return {} if chain is None else {"defense": chain, "votes": votes}
 
 
+def _wrap_segmenter(
+    module: nn.Module, meta: dict[str, Any], preprocess: nn.Module | None, where: Path | str
+) -> Segmenter | None:
+    """The :class:`Segmenter` of a segmentation model (``None`` for other tasks)."""
+    if meta.get("task") != "segmentation":
+        return None
+    inp = meta.get("input") or {}
+    pre = meta.get("preprocessing") or {}
+    k = meta.get("num_classes")
+    try:
+        return Segmenter(
+            module,
+            bounds=tuple(inp.get("bounds", [0.0, 1.0])),  # type: ignore[arg-type]
+            mean=pre.get("mean"),
+            std=pre.get("std"),
+            preprocess=preprocess,
+            num_classes=k if isinstance(k, int) and k >= 2 else None,
+        )
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{where}: {err}") from err
+
+
 def load_model(
     directory: str | os.PathLike[str],
     device: torch.device | str | None = None,
@@ -838,7 +871,8 @@ def load_model(
     """Load a model directory written by :func:`save_model` (or by hand, following the schema).
 
     Returns the module (eval mode, on ``device``: default CPU, ``"auto"`` picks CUDA when
-    available), a ready :class:`Classifier`, and the metadata.
+    available), a ready :class:`Classifier` (a :class:`Segmenter` in ``segmenter`` for a
+    segmentation model, such as the UNet ``medrobust train`` writes), and the metadata.
 
     Args:
         directory: the model folder.
@@ -896,7 +930,9 @@ def load_model(
     module.eval()
     module.to(_device(device))
     clf, pre = _wrap(module, meta, jpath)
-    return LoadedModel(module=module, classifier=clf, metadata=meta, path=d, preprocess=pre)
+    seg = _wrap_segmenter(module, meta, pre, jpath)
+    return LoadedModel(module=module, classifier=clf, metadata=meta, path=d, preprocess=pre,
+                       segmenter=seg)
 
 
 def load_from_factory(
@@ -944,7 +980,9 @@ def load_from_factory(
         task=task,
     )
     clf, pre = _wrap(module, meta, factory)
-    return LoadedModel(module=module, classifier=clf, metadata=meta, path=None, preprocess=pre)
+    seg = _wrap_segmenter(module, meta, pre, factory)
+    return LoadedModel(module=module, classifier=clf, metadata=meta, path=None, preprocess=pre,
+                       segmenter=seg)
 
 
 __all__ = [

@@ -31,6 +31,12 @@ class AttackResult:
             ``adversarial``.
         attack: the attack's name and hyperparameters.
         extra: attack-specific evidence (e.g. the loss reached).
+        voxel_success: dense outputs only (segmenters): bool ``(N, *spatial)``, the voxels whose
+            prediction on ``adversarial`` meets the criterion's per-voxel goal (untargeted:
+            changed from the label; targeted: equal to the target); ``None`` for classifiers.
+        dice: dense outputs only: float64 ``(N, K)``, the Dice of each class between the
+            prediction on ``adversarial`` and the labels (``nan`` where a class is absent from
+            both); ``None`` for classifiers.
     """
 
     adversarial: torch.Tensor
@@ -43,6 +49,8 @@ class AttackResult:
     target: torch.Tensor | None = None
     attack: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    voxel_success: torch.Tensor | None = None
+    dice: torch.Tensor | None = None
 
     @property
     def success_rate(self) -> float:
@@ -72,6 +80,11 @@ class AttackResult:
             "forward_passes": float(self.forward_passes),
             "backward_passes": float(self.backward_passes),
         }
+        if self.dice is not None:
+            for c in range(self.dice.shape[1]):
+                col = self.dice[:, c]
+                col = col[~torch.isnan(col)]
+                out[f"dice_class{c}"] = float(col.mean()) if col.numel() else float("nan")
         for k, v in self.perturbation_norms.items():
             out[f"median_{k}_successful"] = (
                 float(v[ok].float().median()) if ok.any() else float("nan")

@@ -19,6 +19,8 @@ from medrobust.attacks.base import (
     RunOutput,
 )
 from medrobust.attacks.decision import HopSkipJump
+from medrobust.attacks.dense import DAG, CosPGD
+from medrobust.attacks.detection import DAGDetection
 from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
@@ -47,6 +49,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
+    "dagdetection": DAGDetection,
     "hopskipjump": HopSkipJump,
     "simba": SimBA,
     "difgsm": DIFGSM,
@@ -54,6 +57,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "universal": UniversalPerturbation,
     "patch": AdversarialPatch,
     "rp2": RP2,
+    "dag": DAG,
+    "cospgd": CosPGD,
 }
 
 
@@ -96,6 +101,9 @@ __all__ = [
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "CosPGD",
+    "DAG",
+    "DAGDetection",
     "DDN",
     "DIFGSM",
     "DeepFool",

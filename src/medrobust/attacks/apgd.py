@@ -157,7 +157,7 @@ class APGD(FixedBudgetAttack):
     requires_gradients = True
     requires_scores = True
     supports_multilabel = True  # the loop uses only the criterion's loss and success test
-    supports_dense = False
+    supports_dense = True  # dense criteria give per-voxel losses; the loop is generic
 
     def __init__(
         self,

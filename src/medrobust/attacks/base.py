@@ -275,6 +275,7 @@ class Attack(ABC):
             y_dev = y.to(device)
             t_dev = None if t is None else t.to(device)
             spec = criterion if criterion is not None else model.default_criterion(t is not None)
+            _check_criterion_kind(spec, model)
             crit = spec.bind(y_dev, t_dev, self.loss)
             m_dev = None if m is None else m.to(device=device, dtype=dtype)
             ctx = AttackContext(model, x, y_dev, t_dev, crit, m_dev, num_classes, gen)
@@ -307,6 +308,8 @@ class Attack(ABC):
             index = ctx.all_index()
             success = crit.is_adversarial(logits, index).cpu()
             predictions = model.predictions(logits).cpu()
+            voxel_success, dice = _dense_evidence(model, crit, logits, index, predictions, y,
+                                                  num_classes)
 
         final = final.to(inputs.device)
         norms = {k: v.cpu() for k, v in measure_all(final.to(dtype) - inputs.to(dtype)).items()}
@@ -324,6 +327,8 @@ class Attack(ABC):
             backward_passes=ctx.backward_passes,
             attack=config,
             extra=out.extra,
+            voxel_success=voxel_success,
+            dice=dice,
         )
 
     def _check_budget_scale(self, model: Model, inputs: torch.Tensor) -> None:
@@ -424,6 +429,36 @@ class MinimumNormAttack(Attack):
 
 
 # ------------------------------------------------------------------ validation helpers
+def _check_criterion_kind(spec: Criterion, model: Model) -> None:
+    """A criterion for dense outputs goes with a dense model, and only there."""
+    dense_model = model.capabilities.output == "dense"
+    dense_crit = bool(getattr(spec, "dense", False))
+    if dense_model and not dense_crit:
+        raise TypeError(
+            f"{type(spec).__name__} is a criterion for class outputs; a {model.kind} needs a "
+            "dense criterion (medrobust.criteria.PixelFraction, DiceBelow, TargetMask)"
+        )
+    if dense_crit and not dense_model:
+        raise TypeError(
+            f"{type(spec).__name__} is a criterion for dense outputs (label maps); the "
+            f"{model.kind} ({type(model).__name__}) does not produce them"
+        )
+
+
+def _dense_evidence(
+    model: Model, crit: Criterion, logits: torch.Tensor, index: torch.Tensor,
+    predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(voxel_success, dice)`` of a dense model's result; ``(None, None)`` otherwise."""
+    if model.capabilities.output != "dense":
+        return None, None
+    from medrobust.criteria import dice_per_class
+
+    voxel = getattr(crit, "voxel_success", None)
+    vs = voxel(logits, index).cpu() if callable(voxel) else predictions != labels
+    return vs, dice_per_class(predictions, labels, num_classes)
+
+
 def _check_eps(eps: Any) -> float | torch.Tensor:
     if isinstance(eps, np.generic):
         eps = eps.item()

@@ -146,11 +146,15 @@ class Square(FixedBudgetAttack):
         best = x.clone()
         best_logits = logits.clone()
         best_loss = -ctx.criterion.loss(logits, index)
+        # a black box's per-sample query budget (BlackBox(max_queries=...)) caps every sample
+        cap = getattr(ctx.model, "max_queries", None)
         for _ in range(self.restarts):
-            idx = (~success).nonzero().flatten()
+            live = ~success if cap is None else ~success & (queries < int(cap))
+            idx = live.nonzero().flatten()
             if idx.numel() == 0:
                 break
-            adv, lg, loss, ok, q = self._single_run(ctx, idx, eps[idx])
+            allowance = None if cap is None else int(cap) - queries[idx]
+            adv, lg, loss, ok, q = self._single_run(ctx, idx, eps[idx], allowance)
             queries[idx] += q
             take = ok | (loss < best_loss[idx])
             sel = idx[take]
@@ -161,9 +165,11 @@ class Square(FixedBudgetAttack):
         return RunOutput(best, best_logits, extra={"queries": queries.cpu(),
                                                    "loss": (-best_loss).cpu()})
 
-    def _single_run(self, ctx: AttackContext, index: torch.Tensor, eps: torch.Tensor
+    def _single_run(self, ctx: AttackContext, index: torch.Tensor, eps: torch.Tensor,
+                    allowance: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor]:
+        """One run of the random search; ``allowance``: queries each sample may still spend."""
         x0 = ctx.x[index]
         shape = x0.shape
         # signals without a spatial axis are one channel over their features
@@ -196,7 +202,8 @@ class Square(FixedBudgetAttack):
         queries = torch.ones(xs.shape[0], dtype=torch.long, device=xs.device)
         grids = [torch.arange(s, device=xs.device) for s in spatial]
         for it in range(self.n_queries - 1):
-            rows = (~ok).nonzero().flatten()
+            live = ~ok if allowance is None else ~ok & (queries < allowance)
+            rows = live.nonzero().flatten()
             if rows.numel() == 0:
                 break
             m = rows.numel()

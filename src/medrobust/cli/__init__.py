@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "medrobust.cli.train",
     "attack": "medrobust.cli.attack",
     "demo": "medrobust.cli.demo",
+    "tamper": "medrobust.cli.tamper",
     "transfer": "medrobust.cli.transfer",
 }
 

@@ -68,15 +68,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="replace the results already in the output folder")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model folder whose architecture names Python code "
+                        "(package.module:function) to import and run it; only for folders whose "
+                        "author you trust (default: off, only registered networks are built)")
     p.add_argument("--adaptive", action="store_true",
                    help="defended models: evaluate naively and adaptively (BPDA/EOT) side by side "
                         "and flag gradient masking (medrobust.evaluation.adaptive)")
     p.add_argument("--eot", type=int, default=8,
                    help="with --adaptive: EOT draws for randomized defenses (default: 8)")
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow a model folder whose architecture names Python code "
-                        "(package.module:function) to import and run it; only for folders whose "
-                        "author you trust (default: off, only registered networks are built)")
     return p  # type: ignore[no-any-return]
 
 
@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out).expanduser()
     units = loaded.units
+    if loaded.segmenter is not None:  # a segmenter: Dice under attack (evaluation.segmentation)
+        return _run_segmentation(args, loaded, data, attacks, budgets, out)
     if not args.quiet:
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
               f"{args.norm} budgets in {units}: {', '.join(b.label for b in budgets)}",
@@ -184,6 +186,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"units computed: {run_info['units_computed']}, reused: {run_info['units_reused']}")
     print(f"report: {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _run_segmentation(args: argparse.Namespace, loaded: Any, data: Any, attacks: list[str],
+                      budgets: Any, out: Path) -> int:
+    """``medrobust evaluate`` on a segmentation model (default attacks: pgd, cospgd, dag)."""
+    from medrobust.evaluation import EvaluationError
+    from medrobust.evaluation.segmentation import (
+        RESULTS_FILE,
+        evaluate_segmentation,
+        summary_lines,
+    )
+
+    names = ["pgd", "cospgd", "dag"] if args.attacks == "standard" else attacks
+    try:
+        doc = evaluate_segmentation(
+            loaded, data, names, eps=budgets, norm=args.norm, out=out,
+            batch_size=args.batch_size, seed=args.seed, steps=args.steps,
+            progress=not args.quiet, resume=not args.overwrite,
+        )
+    except EvaluationError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
+    print("\n".join(summary_lines(doc)))
+    print(f"results: {out / RESULTS_FILE}")
     return 0
 
 

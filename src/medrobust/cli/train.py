@@ -93,6 +93,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --out folder an earlier medrobust run wrote (a folder holding "
                         "other files is never replaced)")
+    p.add_argument("--task", default="auto", choices=["auto", "detection", "inpaint"],
+                   help="auto: classification/segmentation from the data; detection: a RetinaNet "
+                        "on CT phantoms; inpaint: the CT-GAN in-painting generator")
+    p.add_argument("--lesions", default=None,
+                   help="--task inpaint on DICOM series: CSV rows folder,z,y,x of lesions")
     p.set_defaults(command="train")
     return p
 
@@ -278,6 +283,11 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
         raise CLIError(f"--device: {err}") from None
+    if getattr(args, "task", "auto") in ("detection", "inpaint"):
+        from medrobust.cli import train_tasks
+
+        return (train_tasks.run_detection if args.task == "detection"
+                else train_tasks.run_inpaint)(args)
 
     adversarial = _adversarial(args)
 

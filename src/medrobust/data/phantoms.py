@@ -33,14 +33,17 @@ accuracy in 8 epochs on 1024 phantoms of 32 px (seconds on one CPU core), not to
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from medrobust.data.base import ImageData
 
-__all__ = ["CT_BOUNDS", "make_phantoms", "phantom_from_name"]
+__all__ = ["CT_BOUNDS", "make_phantoms", "phantom_from_name", "write_phantom_series"]
 
 CT_BOUNDS = (-1024.0, 3071.0)
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -324,3 +327,102 @@ def phantom_from_name(name: str, split: str = "test", **kw: object) -> ImageData
     opts["split"] = split
     opts.update(kw)
     return make_phantoms(**opts)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- DICOM series
+def write_phantom_series(
+    folder: str | os.PathLike[str],
+    *,
+    size: int | Sequence[int] = 64,
+    seed: int = 0,
+    lesion: bool = True,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    lesion_radius: tuple[float, float] = (0.06, 0.1),
+    overwrite: bool = False,
+    **kw: Any,
+) -> ImageData:
+    """Write one 3D CT phantom (HU) as a DICOM series, one CT Image Storage file per slice.
+
+    pydicom ships no CT series; this gives tests and the ``medrobust tamper`` demo one. The files
+    are uncompressed little-endian, ``RescaleSlope`` 1 / ``RescaleIntercept`` -1024 over unsigned
+    16-bit stored values, axial (``ImageOrientationPatient`` 1,0,0,0,1,0) with
+    ``ImagePositionPatient`` stepping by ``spacing[0]`` per slice, fresh UIDs, and
+    ``ImageType`` ORIGINAL\\PRIMARY\\AXIAL. The folder is written atomically (a temporary sibling
+    renamed into place); an existing non-empty folder is replaced only with ``overwrite=True``.
+
+    Args:
+        folder: the series folder to create.
+        size: the volume's side (or (D, H, W)).
+        seed: the phantom's seed.
+        lesion: whether the phantom holds a lesion.
+        spacing: (slice, row, column) spacing in mm.
+        lesion_radius, **kw: passed to :func:`make_phantoms` (``units``/``task``/``n`` are fixed).
+
+    Returns:
+        The phantom (``images`` (1, 1, D, H, W) in HU as written, after rounding to integer HU;
+        ``labels`` the lesion mask (1, D, H, W)); ``meta["paths"]`` lists the files.
+    """
+    import numpy as np
+
+    from medrobust.modelstore import atomic_directory
+
+    pydicom = _pydicom_or_error()
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    data = make_phantoms(
+        1, size, dim=3, seed=seed, units="HU", task="segmentation",
+        lesion_fraction=1.0 if lesion else 0.0, lesion_radius=lesion_radius, **kw,
+    )
+    hu = torch.round(data.images[0, 0]).clamp(-1024, 3071)
+    data.images[0, 0] = hu
+    stored = (hu + 1024).to(torch.int32).numpy().astype(np.uint16)
+    d, h, w = stored.shape
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
+        for i in range(d):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            name = f"slice_{i:04d}.dcm"
+            ds = FileDataset(name, {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+            ds.Modality = "CT"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.PatientName = "PHANTOM^MEDROBUST"
+            ds.PatientID = f"phantom-{seed}"
+            ds.StudyDescription = "medrobust CT phantom"
+            ds.SeriesDescription = "lesion" if lesion else "no lesion"
+            ds.Manufacturer = "medrobust (synthetic phantom)"
+            ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [0.0, 0.0, float(i * spacing[0])]
+            ds.SliceLocation = float(i * spacing[0])
+            ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+            ds.SliceThickness = float(spacing[0])
+            ds.Rows, ds.Columns = h, w
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+            ds.PixelRepresentation = 0
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+            ds.WindowCenter, ds.WindowWidth = 40, 400
+            ds.PixelData = stored[i].tobytes()
+            ds.save_as(tmp / name, enforce_file_format=True)
+            paths.append(str(Path(folder) / name))
+    del pydicom
+    data.meta["paths"] = paths
+    data.spacing = tuple(float(s) for s in spacing)
+    return data
+
+
+def _pydicom_or_error() -> Any:
+    try:
+        import pydicom
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("writing a DICOM series needs pydicom (pip install pydicom)") from e
+    return pydicom

@@ -16,16 +16,23 @@ from medrobust.models.base import (
 )
 from medrobust.models.blackbox import BlackBox, QueryBudget
 from medrobust.models.classifier import Classifier
+from medrobust.models.detector import Detector, load_detector, save_detector
 from medrobust.models.ensemble import Ensemble
+from medrobust.models.segmenter import Segmenter, SlidingWindow
 
 __all__ = [
     "BlackBox",
     "Capabilities",
     "Classifier",
+    "Detector",
     "Ensemble",
     "LossFn",
     "Model",
     "ModelOutputError",
     "QueryBudget",
+    "Segmenter",
+    "SlidingWindow",
     "check_capabilities",
+    "load_detector",
+    "save_detector",
 ]
