@@ -29,7 +29,8 @@ DATA = "phantom-16"
 # untrained model fails the large-eps check, so the engine also runs its fallback attacks (one
 # ensemble at the 3 budgets): 9 more units, stored and resumed like the others.
 ARGS = ["--data", DATA, "--split", "test", "--limit", "24", "--batch-size", "8",
-        "--attacks", "fgsm,pgd", "--eps", "0,1/255,4/255", "--steps", "5", "--gallery", "2"]
+        "--attacks", "fgsm,pgd", "--eps", "0,1/255,4/255", "--steps", "5", "--queries", "50",
+        "--gallery", "2"]
 UNITS = 3 * (1 + 2 * 4) + 3 * 3
 
 

@@ -234,6 +234,10 @@ def test_detector_folder_round_trip(trained2d, tmp_path):
 
     with pytest.raises(ModelError, match="kind 'detector'; expected kind 'inpainting-generator'"):
         load_generator(tmp_path / "det")
+    from medrobust.modelstore import load_model
+
+    with pytest.raises(ModelError, match="holds a detector.*load_detector"):
+        load_model(tmp_path / "det")
 
 
 def test_train_cli_detection(tmp_path, capsys):

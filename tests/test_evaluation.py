@@ -139,7 +139,9 @@ def test_sanity_checks_pass_on_an_honest_model(linear_result: EvaluationResult) 
 def test_sanity_checks_fire_on_a_gradient_masked_model() -> None:
     """The input is rounded in the forward pass: every gradient is zero, FGSM does nothing and
     PGD only wanders with its random start. The robust accuracy looks high; the checks say why."""
-    res = _eval(linear_model(masked=True))
+    # (a reduced Square for the fallback attacks the engine runs once a check fails)
+    res = _eval(linear_model(masked=True),
+                attack_kwargs={"pgd": {"steps": 10}, "square": {"n_queries": 100}})
     s = res.results["sanity"]
     assert not s["passed"] and s["gradient_masking_suspected"]
     statuses = {c["id"]: c["status"] for c in s["checks"]}

@@ -119,6 +119,13 @@ def test_report_in_headless_chromium(report: tuple[Path, dict[str, Any]], tmp_pa
     assert sanity["data-passed"] == ("true" if doc["sanity"]["passed"] else "false")
     shown = {c["data-check-id"]: c["data-status"] for c in dom.find("li", class_="sanity-check")}
     assert shown == {c["id"]: c["status"] for c in doc["sanity"]["checks"]}
+    # the "All numbers" table fits the page (it wraps instead of scrolling sideways)
+    assert body.get("data-numbers-overflow") == "false", body
+    # the banner says what the checks say: green only when nothing failed or warned
+    banner = dom.find(id="sanity-banner")[0]
+    want = ("failed" if not doc["sanity"]["passed"] else
+            "warnings" if doc["sanity"]["warnings"] else "passed")
+    assert banner["data-state"] == want
     # the robust accuracy falls: the numbers compared above are not all equal
     assert len({w["robust_accuracy"]["value"] for w in doc["worst_case"]}) > 2
     assert json.loads(json.dumps(doc)) == doc

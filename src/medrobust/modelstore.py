@@ -905,6 +905,14 @@ def load_model(
             f"{jpath}: format_version {version!r} is newer than this medrobust reads "
             f"({FORMAT_VERSION}); upgrade medrobust"
         )
+    kind = meta.get("kind")
+    if kind not in (None, "classifier", "segmenter"):
+        where = {"detector": "medrobust.models.load_detector(folder)",
+                 "inpainting-generator": "medrobust tamper --generator FOLDER"}.get(str(kind))
+        raise ModelError(
+            f"{jpath}: this folder holds a {kind}, not a classifier or segmenter"
+            + (f"; load it with {where}" if where else "")
+        )
     if "architecture" not in meta:
         raise ModelError(f"{jpath}: no 'architecture' entry")
     wname = meta.get("weights", WEIGHTS_FILE)

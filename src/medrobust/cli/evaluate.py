@@ -58,6 +58,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the run's seed (default: 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps of the iterative attacks (default: each attack's own)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="queries of the score-based attacks (Square) (default: 5000)")
     p.add_argument("--direction", choices=["pos2neg", "neg2pos"], default=None,
                    help="binary tasks: attack only the positive (pos2neg: hide a finding) or the "
                         "negative samples")
@@ -111,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--limit must be >= 1; got {args.limit}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
+    if args.queries is not None and args.queries < 1:
+        raise CLIError(f"--queries must be >= 1; got {args.queries}")
     try:
         budgets = None if args.eps is None else parse_budgets(args.eps)
     except EvaluationError as err:
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             loaded, data, attacks=attacks, eps=budgets, norm=args.norm, out=out,
             batch_size=args.batch_size, seed=args.seed, direction=args.direction,
             progress=not args.quiet, overwrite=args.overwrite, positive_class=args.positive_class,
-            gallery=args.gallery, steps=args.steps,
+            gallery=args.gallery, steps=args.steps, queries=args.queries,
         )
     except EvaluationError as err:
         raise CLIError(str(err)) from None

@@ -111,6 +111,8 @@ def evaluate(
     gallery: int = 6,
     steps: int | None = None,
     device: str | torch.device | None = None,
+    robust_auc: bool | None = None,
+    queries: int | None = None,
 ) -> EvaluationResult:
     """Evaluate a classifier's adversarial robustness on a data set.
 
@@ -148,7 +150,12 @@ def evaluate(
             "large eps reaches ~100% success" check.
         gallery: the number of gallery examples in the report.
         steps: the number of steps of every iterative attack that takes ``steps``.
+        queries: the query budget of every score-based attack that takes ``n_queries``
+            (Square; default 5000, AutoAttack's).
         device: where to load a model folder.
+        robust_auc: binary tasks: also measure the AUC under attack (every sample attacked
+            towards the other class; :mod:`medrobust.evaluation.families.robust_auc`). Default:
+            with an ensemble (``standard``) on a binary task.
 
     Returns:
         An :class:`EvaluationResult`.
@@ -170,8 +177,10 @@ def evaluate(
     info = resolve_model(model, device)
     clf = info.classifier
     k = check_model_data(info, data)
-    specs = build_attack_specs(attacks, norm_name, attack_kwargs, {"steps": steps},
-                               num_classes=k)
+    multilabel = data.task == "multi-label"
+    common = {"steps": steps, "n_queries": queries}
+    specs = build_attack_specs(attacks, norm_name, attack_kwargs, common,
+                               num_classes=k, multilabel=multilabel)
     budgets = default_budgets(clf.bounds, norm_name) if eps is None else parse_budgets(eps)
     numel = int(data.images[0].numel())
     big = large_budget(clf.bounds, norm_name, numel) if large_eps else None
@@ -183,10 +192,10 @@ def evaluate(
         width = min(span, float(dw[1] - dw[0])) if dw[1] > dw[0] else span
         for s in specs:
             s.large_step = big.value * (width / span) / 50.0
-    binary = k == 2
+    binary = k == 2 and not multilabel
     pos = positive_class if positive_class is not None else meta_positive_class(info.metadata)
     pos = 1 if pos is None else pos
-    if not (0 <= int(pos) < k):
+    if not (0 <= int(pos) < k) and not multilabel:
         raise EvaluationError(f"positive_class {pos} is not a class of this {k}-class model")
     pos = int(pos)
     if direction is not None and not binary:
@@ -225,12 +234,20 @@ def evaluate(
                            positive_class=pos, progress=progress, resume=resume,
                            model_name=_model_name(info))
     run_id = uuid.uuid4().hex
+    if robust_auc is None:
+        robust_auc = binary and any(s.kind == "ensemble" for s in specs)
+    if robust_auc and not binary:
+        raise EvaluationError(f"robust_auc needs a binary task; this model has {k} classes")
+    if robust_auc:
+        run_config["robust_auc"] = True
+        run_hash = sha256_json(run_config)[:32]
+    settings.robust_auc = bool(robust_auc)
 
     out_dir = None if out is None else Path(out).expanduser()
     if out_dir is None:
         results, gal, gal_json, counts = _compute(
             clf, info, data, labels, specs, budgets, big, k, pos, settings, None, batch_size,
-            gallery, seed, direction, attack_kwargs, steps, run_id)
+            gallery, seed, direction, attack_kwargs, common, run_id)
     else:
         from medrobust.evaluation.output import (
             OutputLock,
@@ -257,7 +274,7 @@ def evaluate(
                 )
             results, gal, gal_json, counts = _compute(
                 clf, info, data, labels, specs, budgets, big, k, pos, settings, db_path,
-                batch_size, gallery, seed, direction, attack_kwargs, steps, run_id)
+                batch_size, gallery, seed, direction, attack_kwargs, common, run_id)
             doc = _document(results, gal_json, counts, info, data, specs, budgets, big, k, pos,
                             norm_name, batch_size, direction, seed, data_sha, run_hash, clf,
                             started, started_iso)
@@ -273,7 +290,7 @@ def _compute(
     clf: Any, info: ModelInfo, data: ImageData, labels: torch.Tensor, specs: list[AttackSpec],
     budgets: list[Budget], big: Budget | None, k: int, pos: int, settings: RunSettings,
     db_path: Path | None, batch_size: int, gallery: int, seed: int, direction: str | None,
-    attack_kwargs: Mapping[str, Mapping[str, Any]] | None, steps: int | None, run_id: str,
+    attack_kwargs: Mapping[str, Mapping[str, Any]] | None, common: dict[str, Any], run_id: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Plan, run, aggregate, check (and run the fallback attacks when a check failed)."""
     from medrobust.evaluation.aggregate import aggregate
@@ -291,11 +308,21 @@ def _compute(
         collected = run_plan(clf, data, labels, plan, store, settings)
         agg = dict(labels=labels.numpy(), k=k, task=data.task, budgets=budgets,
                    direction=direction, positive_class=pos, seed=seed)
-        results = aggregate(collected=collected, specs=specs, big=big, **agg)  # type: ignore
+        if data.task == "multi-label":
+            from medrobust.evaluation.families.multilabel import aggregate_multilabel
+
+            results = aggregate_multilabel(
+                collected=collected, labels=labels.numpy(), specs=specs, budgets=budgets,
+                big=big, seed=seed, names=list(data.class_names))
+        else:
+            results = aggregate(collected=collected, specs=specs, big=big, **agg)  # type: ignore
         notes = [n for s in specs for n in s.notes]
         rand_aware = any(s.name == "standard-rand" for s in specs)
         probes = model_checks(clf, data.images[:PROBE], rand_aware)
-        pre = preflight_checks(collected[f"{CLEAN_UNIT}|"]["pred"], k, notes, probes)
+        cpred = collected[f"{CLEAN_UNIT}|"]["pred"]
+        if cpred.ndim == 2:  # multi-label: one code per distinct report
+            cpred = np.unique(cpred, axis=0, return_inverse=True)[1].reshape(-1)
+        pre = preflight_checks(cpred, max(k, int(cpred.max()) + 1), notes, probes)
         sanity = run_checks(results)
         sanity["checks"] = pre + sanity["checks"]
         sanity["preflight"] = [c["id"] for c in pre]
@@ -307,8 +334,8 @@ def _compute(
         sanity["gradient_masking_suspected"] = bool(masking)
         results["sanity"] = sanity
         computed, reused = collected.computed, collected.reused
-        if masking and not _has_masking_resistant(results):
-            fb = build_ensemble_spec(FALLBACK, settings.norm, k, attack_kwargs, {"steps": steps})
+        if masking and not _has_masking_resistant(results) and data.task != "multi-label":
+            fb = build_ensemble_spec(FALLBACK, settings.norm, k, attack_kwargs, common)
             fplan = make_plan([fb], budgets, None, len(data), batch_size, clean=False)
             more = run_plan(clf, data, labels, fplan, store, settings,
                             clean_all=collected[f"{CLEAN_UNIT}|"])
@@ -324,11 +351,28 @@ def _compute(
                 "worst_case": both["worst_case"],
             }
             results["timing"][fb.name] = both["timing"][fb.name]
+        if settings.robust_auc:
+            from medrobust.evaluation.families.robust_auc import (
+                robust_auc_spec,
+                summarize_robust_auc,
+            )
+
+            rs = robust_auc_spec(common.get("steps"))
+            rplan = make_plan([rs], budgets, None, len(data), batch_size, clean=False)
+            more = run_plan(clf, data, labels, rplan, store, settings,
+                            clean_all=collected[f"{CLEAN_UNIT}|"])
+            computed += more.computed
+            reused += more.reused
+            results["robust_auc"] = summarize_robust_auc(rs, more, labels.numpy(), budgets,
+                                                         seed)
         results["headline"] = headline(results)
-        gal, gal_json = build_gallery(
-            clf, data, labels, specs, budgets, results, collected, settings, batch_size, gallery,
-            display_window(clf, info.metadata, data),
-        )
+        gal: list[dict[str, Any]] = []
+        gal_json: list[dict[str, Any]] = []
+        if data.task != "multi-label":
+            gal, gal_json = build_gallery(
+                clf, data, labels, specs, budgets, results, collected, settings, batch_size,
+                gallery, display_window(clf, info.metadata, data),
+            )
     finally:
         store.close()
     return results, gal, gal_json, {"computed": computed, "reused": reused, "run_id": run_id}
@@ -388,7 +432,8 @@ def _document(
             "units": data.units,
             "bounds": list(data.bounds),
             "class_names": list(data.class_names) or [str(i) for i in range(k)],
-            "class_counts": np.bincount(labels, minlength=k).tolist(),
+            "class_counts": (labels.sum(0) if labels.ndim == 2
+                             else np.bincount(labels, minlength=k)).tolist(),
         },
         **results,
         "gallery": gal_json,

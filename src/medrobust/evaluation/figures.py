@@ -12,7 +12,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["display_image", "gallery_png", "render_figures", "robust_accuracy_png",
+__all__ = ["display_image", "gallery_png", "render_figures", "robust_accuracy_figure",
+           "robust_accuracy_png",
            "write_figures"]
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -30,6 +31,11 @@ _DASHES = ["-", "--", "-.", ":"]
 
 
 def robust_accuracy_png(doc: dict[str, Any]) -> bytes:
+    """:func:`robust_accuracy_figure` as PNG bytes."""
+    return _png(robust_accuracy_figure(doc))
+
+
+def robust_accuracy_figure(doc: dict[str, Any]) -> Figure:
     """Robust accuracy (95% CI) versus eps for each attack and for the worst case.
 
     Every line stays visible: the worst case is drawn first, wide and pale, under the attacks;
@@ -82,7 +88,7 @@ def robust_accuracy_png(doc: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title("Robust accuracy versus budget")
-    return _png(fig)
+    return fig
 
 
 def _middle_slice(img: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from medrobust.models import Classifier
 __all__ = ["CLASSIFICATION_TASKS", "ModelInfo", "check_model_data", "display_window",
            "meta_positive_class", "resolve_model"]
 
-CLASSIFICATION_TASKS = ("binary", "multi-class", "ordinal")
+CLASSIFICATION_TASKS = ("binary", "multi-class", "ordinal", "multi-label")
 
 
 @dataclass
@@ -127,7 +127,20 @@ def check_model_data(info: ModelInfo, data: ImageData) -> int:
             f"data task {data.task!r} is not supported by evaluate yet (expected one of "
             f"{', '.join(CLASSIFICATION_TASKS)})"
         )
-    if data.labels.dim() != 1 or data.labels.is_floating_point():
+    multilabel = bool(getattr(clf, "multilabel", False))
+    if multilabel != (data.task == "multi-label"):
+        raise EvaluationError(
+            "a multi-label model needs multi-label data (labels (N, findings) of 0/1)"
+            if multilabel else
+            "multi-label data needs a multi-label model: Classifier(..., task='multilabel')"
+        )
+    if multilabel:
+        if data.labels.dim() != 2 or not bool(((data.labels == 0) | (data.labels == 1)).all()):
+            raise EvaluationError(
+                f"multi-label labels must be 0/1 of shape (N, findings); got shape "
+                f"{tuple(data.labels.shape)}"
+            )
+    elif data.labels.dim() != 1 or data.labels.is_floating_point():
         raise EvaluationError(
             f"labels must be one class index per sample; got shape {tuple(data.labels.shape)} "
             f"and dtype {data.labels.dtype}"
@@ -173,6 +186,11 @@ def check_model_data(info: ModelInfo, data: ImageData) -> int:
             f"{tuple(data.images.shape[1:])}: {first}"
         ) from None
     k = int(out.shape[1])
+    if multilabel:
+        if int(data.labels.shape[1]) != k:
+            raise EvaluationError(f"the model has {k} findings but the labels have "
+                                  f"{int(data.labels.shape[1])}")
+        return k
     if data.class_names and len(data.class_names) != k:
         raise EvaluationError(
             f"the model has {k} classes but the data has {len(data.class_names)} "

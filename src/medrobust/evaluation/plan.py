@@ -39,6 +39,7 @@ def build_attack_specs(
     attacks: Sequence[str] | str, norm: str,
     attack_kwargs: Mapping[str, Mapping[str, Any]] | None,
     common_kwargs: Mapping[str, Any] | None = None, num_classes: int = 2,
+    multilabel: bool = False,
 ) -> list[AttackSpec]:
     """Resolve attack and ensemble names and check their arguments by building each once.
 
@@ -50,6 +51,8 @@ def build_attack_specs(
     iterate.
     """
     names = split_names(attacks)
+    if multilabel:
+        names = _multilabel_names(names)
     if not names:
         raise EvaluationError("no attack given; expected one or more of " + ", ".join(ATTACKS))
     per_attack = {_key(k): dict(v) for k, v in (attack_kwargs or {}).items()}
@@ -82,6 +85,13 @@ def build_attack_specs(
         minimization = not issubclass(cls, FixedBudgetAttack)
         kind = ("fixed-budget" if not minimization else
                 "minimum-norm" if issubclass(cls, MinimumNormAttack) else "unbounded")
+        if multilabel:
+            if minimization or not getattr(cls, "supports_multilabel", False):
+                raise EvaluationError(
+                    f"attack {name!r} cannot attack a multi-label model (it needs a fixed "
+                    "budget and supports_multilabel); use pgd, apgd or square"
+                )
+            kind = "multilabel"
         if not minimization and accepts(cls, "early_stop"):
             kw["early_stop"] = True
         for k, v in (common_kwargs or {}).items():
@@ -109,6 +119,29 @@ def build_attack_specs(
     if unknown:  # a typo; arguments of known attacks that are not evaluated are ignored
         raise EvaluationError(f"attack_kwargs for unknown attack(s): {', '.join(unknown)}")
     return specs
+
+
+def _multilabel_names(names: list[str]) -> list[str]:
+    """An ensemble on a multi-label model: its components that handle findings, as separate
+    attacks (the sequence and the targeted parts need one class per sample)."""
+    out: list[str] = []
+    for raw in names:
+        key = _key(raw)
+        if is_preset(key) and key not in ATTACKS:
+            from medrobust.evaluation.families import PRESETS
+
+            base = key[:-4] if key.endswith("fast") and key[:-4] in PRESETS else key
+            for d in PRESETS[base]("linf", 2):
+                a = _key(d.attack)
+                if (d.targets == 0 and a in ATTACKS
+                        and getattr(ATTACKS[a], "supports_multilabel", False) and a not in out):
+                    out.append(a)
+            if not out:
+                raise EvaluationError(f"no attack of the {raw!r} ensemble handles multi-label "
+                                      "models; give pgd")
+        elif key not in out:
+            out.append(key)
+    return out
 
 
 @dataclass(frozen=True)

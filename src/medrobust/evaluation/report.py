@@ -196,7 +196,27 @@ def _summary(doc: dict[str, Any]) -> str:
 The worst case counts a sample as robust only if every attack failed on it: it is the number to
 quote{', unless a check failed (then see the column "quote")' if unreliable else ''}.</p>
 {_min_norm_lines(doc)}
+{_robust_auc(doc)}
 </section>"""
+
+
+def _auc_text(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def _robust_auc(doc: dict[str, Any]) -> str:
+    block = doc.get("robust_auc")
+    if not block:
+        return ""
+    items = "".join(
+        f'<li class="robust-auc" data-eps="{_num(e["eps"])}" data-value="{_num(e["value"])}">'
+        f'eps {_e(e["eps_label"])}: <strong>{_auc_text(e["value"])}'
+        f"</strong>"
+        + (f' <span class="ci">[{e["ci_low"]:.3f}, {e["ci_high"]:.3f}]</span>'
+           if e.get("ci_low") is not None else "") + "</li>"
+        for e in block["per_eps"])
+    return (f'<p id="robust-auc-head">AUC under attack ({_e(block["method"])}):</p>'
+            f'<ul id="robust-auc">{items}</ul>')
 
 
 def _min_norm_lines(doc: dict[str, Any]) -> str:
@@ -275,12 +295,14 @@ def _sanity(doc: dict[str, Any]) -> str:
 
 
 def _numbers(doc: dict[str, Any]) -> str:
-    binary = doc["model"]["num_classes"] == 2
+    binary = "sensitivity" in doc["worst_case"][0] if doc["worst_case"] else False
+    ordinal = any("grade_shift" in e for a in doc["attacks"].values() for e in a["per_eps"])
     head = ("<th>attack</th><th>eps</th><th>robust acc.</th><th>raw acc.</th>"
             "<th>success rate</th>"
             + ("<th>sensitivity</th><th>specificity</th>" if binary else "")
             + "<th>median L&infin;</th><th>median L2</th><th>median PSNR (dB)</th>"
-              "<th>median SSIM</th>")
+              "<th>median SSIM</th>"
+            + ("<th>mean grade shift</th>" if ordinal else ""))
     rows = []
 
     def row(name: str, e: dict[str, Any]) -> str:
@@ -295,7 +317,10 @@ def _numbers(doc: dict[str, Any]) -> str:
                if binary else "")
             + f'<td>{_stat(p["linf"], "median")}</td><td>{_stat(p["l2"], "median")}</td>'
             f'<td>{_stat(p["psnr"], "median", "{:.1f}")}</td>'
-            f'<td>{_stat(p["ssim"], "median", "{:.3f}")}</td></tr>'
+            f'<td>{_stat(p["ssim"], "median", "{:.3f}")}</td>'
+            + (f'<td class="grade-shift">{_stat(e.get("grade_shift") or {}, "mean", "{:.3f}")}'
+               "</td>" if ordinal else "")
+            + "</tr>"
         )
 
     for name, a in doc["attacks"].items():
@@ -310,7 +335,10 @@ def _numbers(doc: dict[str, Any]) -> str:
             + "<td></td>" + _prop_cell(w["success_on_correct"], "success")
             + ((_prop_cell(w["sensitivity"], "sens") + _prop_cell(w["specificity"], "spec"))
                if binary else "")
-            + "<td></td><td></td><td></td><td></td></tr>"
+            + "<td></td><td></td><td></td><td></td>"
+            + (f'<td class="grade-shift">{_stat(w.get("grade_shift") or {}, "mean", "{:.3f}")}'
+               "</td>" if ordinal else "")
+            + "</tr>"
         )
     names = doc["model"]["class_names"]
     chead = "".join(f"<th>{_e(n)}</th>" for n in names)
@@ -337,8 +365,14 @@ the share the attack made wrong. Perturbation statistics over the successful adv
 
 def _provenance(doc: dict[str, Any]) -> str:
     m, d, c = doc["model"], doc["data"], doc["config"]
+    def _cfg(cfg: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+
     attacks = "; ".join(
-        f"{a['name']} ({', '.join(f'{k}={v}' for k, v in a['config'].items() if k != 'name')})"
+        f"{a['name']} ({_cfg(a['config'])})" if "config" in a else
+        f"{a['name']} [" + "; ".join(f"{x['label']}: {x['attack']} ({_cfg(x['config'])})"
+                                      + (f", top-{x['targets']} targets" if x["targets"] else "")
+                                      for x in a.get("components", [])) + "]"
         for a in c["attacks"]
     )
     rows = [

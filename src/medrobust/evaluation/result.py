@@ -51,6 +51,11 @@ class EvaluationResult:
                 for e in self.results["attacks"][attack]["per_eps"]}
 
     @property
+    def headline(self) -> list[dict[str, Any]]:
+        """Per budget: the figure to quote, whether it is reliable, and the alternative."""
+        return list(self.results.get("headline") or [])
+
+    @property
     def sanity_passed(self) -> bool:
         return bool(self.results["sanity"]["passed"])
 

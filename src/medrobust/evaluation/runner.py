@@ -47,6 +47,7 @@ class RunSettings:
     progress: bool = False
     resume: bool = True
     model_name: str = "the model"
+    robust_auc: bool = False
 
 
 @dataclass
@@ -79,6 +80,10 @@ def clean_record(clf: Classifier, x: torch.Tensor) -> dict[str, np.ndarray]:
         logits = clf.logits(x).float().cpu()
     if not torch.isfinite(logits).all():
         raise ValueError("the model returned NaN or Inf logits")
+    if getattr(clf, "multilabel", False):
+        from medrobust.evaluation.families.multilabel import clean_record_multilabel
+
+        return clean_record_multilabel(logits)
     return {"probs": torch.softmax(logits, 1).numpy().astype(np.float32),
             "pred": logits.argmax(1).numpy().astype(np.int64),
             "logits": logits.numpy().astype(np.float32)}

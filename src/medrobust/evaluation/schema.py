@@ -32,8 +32,9 @@ Top level::
     medrobust_version
     config_hash      hash of everything that determines the numbers (the rerun key)
     seed             the run's seed (each unit's attack seed is derived from it)
-    config           {attacks: [{name, kind: "fixed-budget"|"minimum-norm", single_step,
-                      kwargs, config, key}], eps: [float], eps_labels: [str], large_eps,
+    config           {attacks: [{name, kind, single_step, gradient_free, kwargs, config
+                      (or components, for an ensemble), key, notes}], eps: [float],
+                      eps_labels: [str], large_eps,
                       norm, batch_size, direction: null|"pos2neg"|"neg2pos", positive_class,
                       units, bounds, display_window}
     model            {source, weights_sha256 (of the weights file, when loaded from a folder),
@@ -42,18 +43,32 @@ Top level::
                       evaluated tensors), n, shape, task, units, bounds, class_names,
                       class_counts}
     clean            {n, accuracy: P, auc: {value, ci_low, ci_high, method},
-                      per_class: [{class, name, **P}], sensitivity: P, specificity: P (binary)}
-    attacks          {name: {key, kind, single_step,
-                        per_eps: [E], large_eps: E|null, distance: S (minimum-norm only)}}
+                      per_class: [{class, name, **P}], sensitivity: P, specificity: P (binary),
+                      grade_error: S (ordinal), predicted_classes}
+    attacks          {name: A}, A = {key, kind: "fixed-budget"|"minimum-norm"|"unbounded"|
+                        "ensemble"|"multilabel", single_step, gradient_free,
+                        per_eps: [E], large_eps: E|null, distance: S (minimum-norm only),
+                        components: [{attack, registry_name, targets, gradient_free,
+                        minimum_norm}], notes (ensembles only)}
     worst_case       [{eps, eps_label, n, robust_accuracy: P, success_on_correct: P,
                        fooled_only_by: {attack: int}, per_class, sensitivity, specificity}]
-    sanity           {passed, failed: [id], tolerance_samples, gradient_masking_suspected,
-                      checks: [{id, check: "eps0"|"monotonic"|"iterative"|"large_eps", attack,
-                                status: "pass"|"fail"|"warn"|"skipped", detail, values}]}
+    sanity           {passed, failed: [id], warnings: [id], preflight: [id],
+                      tolerance_samples, gradient_masking_suspected,
+                      checks: [{id, check: "randomness"|"probabilities"|"classes"|
+                                "constant_prediction"|"eps0"|"monotonic"|"iterative"|
+                                "large_eps"|"gradient_free", attack,
+                                status: "pass"|"fail"|"warn"|"info"|"skipped", detail, values}]}
+    headline         [{eps, eps_label, value, reliable, alternative: null|{name, **P},
+                       quote, quote_value, advice}]  — the figure to quote
+    alternative      (only when a masking check failed and the attacks asked for held no
+                      gradient-free attack) {reason, attacks, notes, block: A, worst_case}
+    robust_auc       (binary, optional) {attack, loss, method,
+                      per_eps: [{eps, eps_label, value, ci_low, ci_high}]}
     gallery          [{index, label, label_name, attack, eps, eps_label, fooled, reproduced,
                        linf, l2, clean_top3: [{class, name, prob}], adversarial_top3, window}]
     run              {started, finished, duration_s, units_computed, units_reused, run_id,
-                      python, torch, device}  — the only volatile field: everything outside
+                      python, torch, device, timing: {attack: {seconds, components}}}
+                      — the only volatile field: everything outside
                       "run" is identical for a resumed and an uninterrupted run.
 
 A per-budget entry ``E``::
@@ -63,7 +78,12 @@ A per-budget entry ``E``::
      raw_accuracy: P      (correct under the attack alone, over all n),
      success_on_correct: P (fooled, among the attacked samples correct when clean),
      perturbation: {successful: {linf: S, l2: S, psnr: S, ssim: S}, attacked: {...}},
-     per_class: [{class, name, **P}], sensitivity: P, specificity: P (binary)}
+     per_class: [{class, name, **P}] (per finding for multi-label),
+     sensitivity: P, specificity: P (binary), grade_error: S, grade_shift: S (ordinal),
+     cost: {forward_passes, backward_passes},
+     broken_by: {component: int}, robust_after: [{attack, robust_accuracy: P}],
+     cost: [{attack, forward_passes, backward_passes, samples_attacked,
+             queries_per_sample}] (ensembles)}
 
 Definitions are in :mod:`medrobust.evaluation.aggregate` and :mod:`medrobust.evaluation.sanity`.
 """

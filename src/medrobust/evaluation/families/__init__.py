@@ -5,6 +5,8 @@ here.
 """
 
 from medrobust.evaluation.families import ensemble as _ensemble  # noqa: F401
+from medrobust.evaluation.families import multilabel as _multilabel  # noqa: F401
+from medrobust.evaluation.families import robust_auc as _robust_auc  # noqa: F401
 from medrobust.evaluation.families import single as _single  # noqa: F401
 from medrobust.evaluation.families.base import (
     FAMILIES,

@@ -30,7 +30,10 @@ whose name starts with ``time_`` are seconds (volatile: reported under ``run``).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +54,7 @@ __all__ = [
     "family_of",
     "merge_records",
     "register_family",
+    "whole_range_budget",
 ]
 
 MIN_NORM_KEY = "min-norm"
@@ -138,6 +142,18 @@ class Family(ABC):
               clean_correct: np.ndarray) -> dict[str, Any]:
         """Extra fields of one per-budget entry (default: none)."""
         return {}
+
+
+@contextlib.contextmanager
+def whole_range_budget(large: bool) -> Iterator[None]:
+    """Silence the attacks' "eps covers the whole range" warning in the unbounded sanity check,
+    where that budget is deliberate."""
+    with warnings.catch_warnings():
+        if large:
+            warnings.filterwarnings("ignore", message=".*whole range of the model's bounds")
+        # said once in the report's pre-flight "classes" check instead of once per batch
+        warnings.filterwarnings("ignore", message=".*DLR loss needs")
+        yield
 
 
 FAMILIES: dict[str, Family] = {}

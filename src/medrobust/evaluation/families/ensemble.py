@@ -35,7 +35,12 @@ import torch
 from medrobust.attacks import ATTACKS, Attack, FixedBudgetAttack
 from medrobust.evaluation.budgets import Budget
 from medrobust.evaluation.errors import EvaluationError
-from medrobust.evaluation.families.base import UnitJob, UnitOutput, register_family
+from medrobust.evaluation.families.base import (
+    UnitJob,
+    UnitOutput,
+    register_family,
+    whole_range_budget,
+)
 from medrobust.evaluation.families.single import STATS, FixedBudgetFamily, empty_record
 from medrobust.evaluation.metrics import Proportion, psnr, ssim
 from medrobust.evaluation.specs import AttackSpec, build_attack
@@ -137,7 +142,10 @@ def register_preset(name: str, preset: Preset) -> None:
 
 
 def is_preset(name: str) -> bool:
-    return _norm_key(name) in PRESETS
+    """A preset's name, or a preset's name with ``-fast`` (reduced steps and queries: each
+    component's ``fast_config()``, for tests and quick looks — not for numbers to quote)."""
+    key = _norm_key(name)
+    return key in PRESETS or (key.endswith("fast") and key[:-4] in PRESETS)
 
 
 @dataclass
@@ -151,10 +159,16 @@ class Component:
     targets: int
     minimization: bool
     gradient_free: bool
+    loops_targets: bool = False
+    """The attack loops over the top classes itself (``n_target_classes``, as APGD-T and FAB-T
+    do): it is called untargeted, once."""
 
     def build(self, eps: float | None, norm: str, seed: int, large: bool = False,
               large_step: float | None = None) -> Attack:
-        return build_attack(self.cls, self.kwargs, eps, norm, seed, self.minimization, False,
+        kw = dict(self.kwargs)
+        if self.minimization and eps is not None and eps > 0 and accepts(self.cls, "eps"):
+            kw["eps"] = float(eps)  # FAB with a budget: stop a sample once broken within it
+        return build_attack(self.cls, kw, eps, norm, seed, self.minimization, False,
                             large_step, large)
 
 
@@ -225,6 +239,9 @@ def build_ensemble_spec(
     """
     key = _norm_key(name)
     table = {**PRESETS, **_FALLBACK_PRESETS}
+    fast = key.endswith("fast") and key[:-4] in table
+    if fast:
+        key = key[:-4]
     if key not in table:
         raise EvaluationError(f"unknown ensemble {name!r}; available: {', '.join(PRESETS)}")
     defs = table[key](norm, num_classes)
@@ -243,32 +260,42 @@ def build_ensemble_spec(
         minimization = not issubclass(cls, FixedBudgetAttack)
         if not minimization and accepts(cls, "early_stop"):
             kw["early_stop"] = True
-        for k, v in (common or {}).items():
-            if v is not None and accepts(cls, k):
-                kw[k] = v
+        loops = bool(d.targets) and accepts(cls, "n_target_classes")
+        if loops:
+            kw["n_target_classes"] = max(1, min(d.targets, num_classes - 1))
         for k, v in d.kwargs.items():
-            if k == "loss":
+            if k == "loss" and accepts(cls, k):
                 v = _resolve_loss(str(v), num_classes, notes, d.label)
             if accepts(cls, k):
                 kw[k] = v
+            elif k == "eot" and accepts(cls, "eot_iter"):
+                kw["eot_iter"] = v
             elif k == "eot":
                 notes.append(f"{d.label}: {cls.__name__} takes no EOT argument; run without "
                              f"Expectation over Transformation (eot={v} asked) — a randomized "
                              "model is then attacked with single draws")
-            elif k in ("queries", "restarts"):
+            elif k in ("queries", "restarts") and not (fast and k == "queries"):
                 alias = {"queries": ("n_queries", "max_queries", "queries"),
                          "restarts": ("restarts", "n_restarts")}[k]
                 for a in alias:
                     if accepts(cls, a):
                         kw[a] = v
                         break
+        if fast and hasattr(cls, "fast_config"):
+            kw.update(cls.fast_config())
+        for k, v in (common or {}).items():  # the user's --steps / --queries win
+            if v is not None and accepts(cls, k):
+                kw[k] = v
         kw.update(overrides.get(_norm_key(d.attack), {}))
         kw.update(overrides.get(_norm_key(d.label), {}))
         bad = [k for k in kw if k in ("eps", "norm", "seed", "generator")]
         if bad:
             raise EvaluationError(f"{d.label}: {', '.join(bad)} are set by the evaluation")
-        c = Component(d.label, d.attack, cls, kw, max(0, min(d.targets, num_classes - 1)),
-                      minimization, _is_gradient_free(cls, d.attack))
+        if loops:  # never more targets than other classes
+            kw["n_target_classes"] = max(1, min(int(kw["n_target_classes"]), num_classes - 1))
+        targets = int(kw["n_target_classes"]) if loops else d.targets
+        c = Component(d.label, d.attack, cls, kw, max(0, min(targets, num_classes - 1)),
+                      minimization, _is_gradient_free(cls, d.attack), loops_targets=loops)
         try:
             c.build(None if minimization else 0.0, norm, 0)
         except (TypeError, ValueError) as err:
@@ -277,12 +304,24 @@ def build_ensemble_spec(
         comps.append(c)
     ident = [{"label": c.label, "attack": c.attack, "kwargs": jsonable(c.kwargs),
               "targets": c.targets} for c in comps]
+    if fast:
+        ident.append({"fast": True})
     spec = EnsembleSpec(
         name=name.strip().lower(), cls=None, kwargs={}, key=f"{key}:{sha256_json(ident)[:12]}",
         minimization=False, single_step=False, kind="ensemble", components=comps,
     )
     spec.notes = notes
     return spec
+
+
+def _large_eps_component(spec: EnsembleSpec) -> int:
+    """The component the unbounded sanity check runs: the first iterative gradient attack."""
+    for i, c in enumerate(spec.components):
+        if c.gradient_free or c.minimization:
+            continue
+        if int(getattr(c.build(1.0, "linf", 0), "steps", 2) or 2) > 1:
+            return i
+    return 0
 
 
 class EnsembleFamily(FixedBudgetFamily):
@@ -312,10 +351,15 @@ class EnsembleFamily(FixedBudgetFamily):
         fwd, bwd, seen, secs = (np.zeros(a) for _ in range(4))
         measure = get_norm(job.norm).measure
         eps = job.eps
-        comps = spec.components[:1] if job.large else spec.components
-        for i, c in enumerate(comps):
+        check = _large_eps_component(spec) if job.large else None
+        for i, c in enumerate(spec.components):
+            if check is not None and i != check:
+                continue  # the unbounded sanity check runs one gradient component
+            if eps is not None and eps == 0:
+                break  # a zero budget changes nothing: every correct sample stays robust
             t0 = time.perf_counter()
-            ranks: list[int | None] = [None] if c.targets == 0 else list(range(1, c.targets + 1))
+            ranks: list[int | None] = ([None] if c.targets == 0 or c.loops_targets
+                                       else list(range(1, c.targets + 1)))
             for r in ranks:
                 if active.numel() == 0:
                     break
@@ -324,7 +368,8 @@ class EnsembleFamily(FixedBudgetFamily):
                 tgt = None if r is None else order[active, r]
                 atk = c.build(eps, job.norm, unit_seed(job.seed, c.label, str(r), i),
                               large=job.large, large_step=spec.large_step)
-                res = atk(job.clf, xs, ys, target=tgt)
+                with whole_range_budget(job.large):
+                    res = atk(job.clf, xs, ys, target=tgt)
                 fwd[i] += res.forward_passes
                 bwd[i] += res.backward_passes
                 ok = res.predictions != ys

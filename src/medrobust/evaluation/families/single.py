@@ -17,6 +17,7 @@ from medrobust.evaluation.families.base import (
     UnitJob,
     UnitOutput,
     register_family,
+    whole_range_budget,
 )
 from medrobust.evaluation.metrics import psnr, ssim
 from medrobust.evaluation.specs import AttackSpec
@@ -71,7 +72,8 @@ class FixedBudgetFamily(Family):
         xa, ya = job.x[job.idx], job.y[job.idx]
         atk = spec.build(job.eps, job.norm, job.seed, large=job.large)
         t0 = time.perf_counter()
-        res = atk(job.clf, xa, ya)
+        with whole_range_budget(job.large):
+            res = atk(job.clf, xa, ya)
         rec = result_record(res, xa, job.idx, job, time.perf_counter() - t0, spec.minimization)
         return UnitOutput(rec, res.adversarial.detach())
 
