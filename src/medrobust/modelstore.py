@@ -29,6 +29,8 @@ Schema (``format_version`` 1)::
                 "spatial_dims": 2, "size": [28, 28]},
       "preprocessing": {"steps": {"type": "compose", "steps": [...]} | null,
                         "mean": [0.5] | null, "std": [0.5] | null},
+      "defense": {"steps": [{"name": "jpeg", "options": {"quality": 75}}, ...],
+                  "votes": 10} | null,    (optional; registered defenses only)
       "data": {"dataset": "pneumoniamnist", "sha256": "...", ...} | null,
       "training": {...} | null,
       "extra": {...}
@@ -256,6 +258,7 @@ def write_model_files(
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    defense: Any = None,
 ) -> dict[str, Any]:
     """Write ``weights.safetensors`` and ``model.json`` into an existing ``directory``.
 
@@ -286,6 +289,7 @@ def write_model_files(
         data=data,
         training=training,
         extra=extra,
+        defense=defense,
     )
     try:
         save_file(_state_dict_for_safetensors(module), str(d / WEIGHTS_FILE), metadata={
@@ -293,6 +297,9 @@ def write_model_files(
         })
     except Exception as err:
         raise ModelError(f"{d / WEIGHTS_FILE}: cannot write the weights ({err})") from err
+    if meta.get("defense", {}).get("weights"):
+        _write_defense_weights(d / meta["defense"]["weights"], defense)
+        meta["defense"]["weights_sha256"] = sha256_of(d / meta["defense"]["weights"])
     meta["weights_sha256"] = sha256_of(d / WEIGHTS_FILE)
     text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
     (d / MODEL_JSON).write_text(text, encoding="utf-8")
@@ -318,6 +325,7 @@ def build_metadata(
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    defense: Any = None,
 ) -> dict[str, Any]:
     """The ``model.json`` content for ``module`` (see the module docstring for the schema)."""
     recorded = getattr(module, "medrobust_architecture", None) or {}
@@ -413,7 +421,44 @@ def build_metadata(
         "training": None if training is None else dict(training),
         "extra": {} if extra is None else dict(extra),
     }
+    if defense is not None:
+        meta["defense"] = _defense_config(defense)
     return _jsonable(meta, MODEL_JSON)  # type: ignore[no-any-return]
+
+
+def _defense_config(defense: Any) -> dict[str, Any]:
+    """``{"steps": [...], "votes": N}`` for a defense, a list of them, or a defended model."""
+    from medrobust.defenses import DefenseError, as_chain
+
+    votes = getattr(defense, "votes", 10)
+    if hasattr(defense, "defense") and hasattr(defense, "module"):  # a defended model
+        defense = defense.defense
+    try:
+        chain = as_chain(defense)
+    except DefenseError as err:
+        raise ModelError(f"defense: {err}") from err
+    out: dict[str, Any] = {"steps": [] if chain is None else chain.config(), "votes": int(votes)}
+    if chain is not None and chain.state_dict():
+        out["weights"] = DEFENSE_WEIGHTS_FILE  # learned defenses (denoisers, generators)
+    return out
+
+
+DEFENSE_WEIGHTS_FILE = "defense.safetensors"
+
+
+def _write_defense_weights(path: Path, defense: Any) -> None:
+    from safetensors.torch import save_file
+
+    from medrobust.defenses import as_chain
+
+    if hasattr(defense, "defense") and hasattr(defense, "module"):
+        defense = defense.defense
+    chain = as_chain(defense)
+    assert chain is not None
+    try:
+        save_file(_state_dict_for_safetensors(chain), str(path), metadata={"format": FORMAT})
+    except Exception as err:
+        raise ModelError(f"{path}: cannot write the defense's weights ({err})") from err
 
 
 def save_model(
@@ -437,6 +482,7 @@ def save_model(
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    defense: Any = None,
 ) -> Path:
     """Save ``module`` as a model directory, atomically; returns the directory.
 
@@ -454,6 +500,8 @@ def save_model(
         data: the training data: ``{"dataset", "source", "sha256", "split", ...}``.
         training: training settings and results (epochs, metrics, seed, ...).
         extra: anything else (JSON-serialisable).
+        defense: registered input defenses (:mod:`medrobust.defenses`; a defense, a list, or a
+            defended Classifier, whose ``votes`` are kept) rebuilt in front of the model on load.
 
     Raises:
         ModelError: unknown architecture, unserialisable metadata, an existing directory (with
@@ -479,6 +527,7 @@ def save_model(
             data=data,
             training=training,
             extra=extra,
+            defense=defense,
         )
     return Path(directory)
 
@@ -743,6 +792,7 @@ def _wrap(
     k = len(names) if isinstance(names, list) and names else num_classes
     if meta.get("task") == "multi-label" or (isinstance(k, int) and k < 2):
         k = None
+    defended = _load_defense(meta.get("defense"), where)
     try:
         clf = Classifier(
             module,
@@ -751,10 +801,43 @@ def _wrap(
             std=pre.get("std"),
             num_classes=k,
             preprocess=preprocess,
+            **defended,
         )
     except (TypeError, ValueError) as err:
         raise ModelError(f"{where}: {err}") from err
     return clf, preprocess
+
+
+def _load_defense(entry: Any, where: Path | str) -> dict[str, Any]:
+    """``{"defense": chain, "votes": N}`` from ``model.json``'s ``"defense"`` (registered names
+    only), or ``{}``."""
+    if entry is None:
+        return {}
+    from medrobust.defenses import DefenseError, defense_from_config
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("steps", []), list):
+        raise ModelError(f"{where}: 'defense' must be an object with a list of 'steps'")
+    votes = entry.get("votes", 10)
+    if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
+        raise ModelError(f"{where}: 'defense.votes' must be a positive integer; got {votes!r}")
+    try:
+        chain = defense_from_config(entry.get("steps", []))
+    except DefenseError as err:
+        raise ModelError(f"{where}: defense: {err}") from err
+    wname = entry.get("weights")
+    if chain is not None and wname is not None:
+        if not isinstance(wname, str) or Path(wname).name != wname or not isinstance(
+            where, Path
+        ):
+            raise ModelError(f"{where}: 'defense.weights' must be a file name beside model.json")
+        wpath = where.parent / wname
+        recorded = entry.get("weights_sha256")
+        if recorded is not None and (not wpath.is_file() or sha256_of(wpath) != str(recorded)):
+            raise ModelError(f"{wpath}: missing, or its sha256 differs from the one recorded in "
+                             f"{where.name}; the defense's weights were changed after saving")
+        load_weights_into(chain, read_weights(wpath), wpath)
+        chain.eval()
+    return {} if chain is None else {"defense": chain, "votes": votes}
 
 
 def _wrap_segmenter(

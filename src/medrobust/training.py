@@ -41,6 +41,8 @@ from medrobust.models import Classifier
 
 ExampleGenerator = Callable[[Classifier, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(wrapper, x, y) -> x_used``: the inputs to train on for the batch ``(x, y)``."""
+Objective = Callable[[Classifier, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(wrapper, x, y) -> (loss, logits)``: the training loss of a batch (TRADES, AdvProp ...)."""
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("multistep", "cosine", "none")
@@ -220,6 +222,8 @@ def train(
     log_path: str | os.PathLike[str] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     eval_batch_size: int = 512,
+    objective: Objective | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``module`` on ``train_data``; keep the state with the best validation AUC.
 
@@ -243,6 +247,15 @@ def train(
         log_path: write one JSON line of metrics per epoch there (``metrics.jsonl``).
         on_epoch_end: called with each epoch's metrics dict.
         eval_batch_size: batch size for validation.
+        objective: ``(wrapper, x, y) -> (loss, logits)`` replaces the cross-entropy of a
+            classification batch (TRADES, mixed and AdvProp training:
+            :mod:`medrobust.defenses.training`); ``logits`` give the training accuracy.
+            An ``example_generator`` or ``objective`` with a ``set_epoch(epoch)`` method is told
+            each epoch (1-based) before it starts (budget warm-up).
+        checkpoint: a file written after every epoch (weights, optimizer, schedule, data order,
+            random states, history, and an ``example_generator``/``objective`` owner's
+            ``state_dict()``); when it exists at the start, training resumes after its epoch and
+            ends with the weights an uninterrupted run gives. Read with ``weights_only=True``.
 
     Epoch metrics: ``epoch``, ``lr``, ``train_loss``, ``train_acc`` and, with validation data,
     ``val_loss``, ``val_acc``, ``val_auc`` (``val_dice`` for segmentation), ``best``, ``time_s``.
@@ -268,8 +281,9 @@ def train(
             f"validation data ({val_data.task}, {val_data.num_classes} classes) does not match "
             f"the training data ({task}, {train_data.num_classes} classes)"
         )
-    if task == "segmentation" and example_generator is not None:
-        raise ValueError("example_generator is supported for classification tasks only")
+    if task == "segmentation" and (example_generator is not None or objective is not None):
+        raise ValueError("example_generator and objective are supported for classification "
+                         "tasks only")
 
     from medrobust import distributed
 
@@ -319,16 +333,38 @@ def train(
     best_metrics: dict[str, float] = {}
     best_state: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
+    hooks = [h for h in (example_generator, getattr(objective, "__self__", objective))
+             if callable(getattr(h, "state_dict", None))]
+    first_epoch, resumed_rng = 1, None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        ck = _read_checkpoint(Path(checkpoint))
+        module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler") is not None:
+            sched.load_state_dict(ck["scheduler"])
+        order_gen.set_state(ck["order_gen"])
+        for h, st in zip(hooks, ck.get("hooks", []), strict=False):
+            h.load_state_dict(st)  # type: ignore[union-attr]
+        history, best_state = list(ck["history"]), dict(ck["best_state"])
+        best_score, best_epoch = float(ck["best_score"]), int(ck["best_epoch"])
+        best_metrics = dict(ck["best_metrics"])
+        first_epoch, resumed_rng = int(ck["epoch"]) + 1, ck["rng"]
     log = None
     if log_path is not None and (dctx is None or dctx.is_main):
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115
+        log = open(log_path, "a" if first_epoch > 1 else "w", encoding="utf-8")  # noqa: SIM115
     devices = [dev.index or 0] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed) + (0 if dctx is None else 7919 * dctx.rank))
-            for epoch in range(1, int(epochs) + 1):
+            if resumed_rng is not None:
+                torch.set_rng_state(resumed_rng)
+            for epoch in range(first_epoch, int(epochs) + 1):
                 t0 = time.perf_counter()
+                for hook in (example_generator, getattr(objective, "__self__", objective)):
+                    set_epoch = getattr(hook, "set_epoch", None)
+                    if callable(set_epoch):
+                        set_epoch(epoch)
                 perm = distributed.shard_permutation(torch.randperm(n, generator=order_gen), dctx)
                 n_here = int(perm.numel())
                 starts = list(range(0, n_here, int(batch_size)))
@@ -352,6 +388,10 @@ def train(
                         loss = F.cross_entropy(logits, y)
                         pred_ok = (logits.argmax(1) == y).float().mean(
                             dim=tuple(range(1, y.dim())))
+                    elif objective is not None:
+                        loss, logits = objective(fit, x, y)
+                        pred_ok = ((logits > 0) == y.bool()).float().mean(1) if (
+                            task == "multi-label") else (logits.argmax(1) == y).float()
                     elif task == "multi-label":
                         logits = fit.forward(x)
                         loss = F.binary_cross_entropy_with_logits(logits, y.float())
@@ -404,6 +444,17 @@ def train(
                     log.flush()
                 if on_epoch_end is not None and (dctx is None or dctx.is_main):
                     on_epoch_end(dict(record))
+                if checkpoint is not None and (dctx is None or dctx.is_main):
+                    _write_checkpoint(Path(checkpoint), {
+                        "epoch": epoch, "model": module.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": None if sched is None else sched.state_dict(),
+                        "order_gen": order_gen.get_state(), "rng": torch.get_rng_state(),
+                        "hooks": [h.state_dict() for h in hooks],  # type: ignore[union-attr]
+                        "history": [_finite_json(r) for r in history],
+                        "best_state": best_state, "best_score": best_score,
+                        "best_epoch": best_epoch, "best_metrics": best_metrics,
+                    })
     finally:
         if log is not None:
             log.close()
@@ -429,6 +480,24 @@ def evaluate(
     return _evaluate(classifier, data, data.task, batch_size, classifier.device)
 
 
+def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable medrobust training checkpoint ({err})") from err
+    if not isinstance(ck, dict) or "epoch" not in ck or "model" not in ck:
+        raise ValueError(f"{path}: not a medrobust training checkpoint")
+    return ck
+
+
 def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()}
@@ -436,6 +505,7 @@ def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "ExampleGenerator",
+    "Objective",
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainResult",

@@ -51,6 +51,9 @@ class AttackContext:
         bounds: ``(lo, hi)``.
         num_classes: the number of classes (findings) the model outputs per sample.
         generator: the attack's random generator (CPU); draw with :meth:`rand` / :meth:`randn`.
+        bpda, eot: adaptive gradients against a defended model (see
+            :meth:`~medrobust.models.base.Model.value_and_grad`); set from the attack's own
+            ``bpda`` / ``eot`` attributes. Each EOT draw counts as a forward and a backward pass.
     """
 
     def __init__(
@@ -75,6 +78,8 @@ class AttackContext:
         self.generator = generator
         self.forward_passes = 0
         self.backward_passes = 0
+        self.bpda = False
+        self.eot = 1
 
     @property
     def targeted(self) -> bool:
@@ -89,8 +94,8 @@ class AttackContext:
 
     # --- model evaluations, counted per sample
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits without autograd (chunked)."""
-        self.forward_passes += int(x.shape[0])
+        """Logits without autograd (chunked); a majority vote with a randomized defense."""
+        self.forward_passes += int(x.shape[0]) * getattr(self.model, "draws_per_prediction", 1)
         return self.model.logits(x)
 
     def value_and_grad(
@@ -98,10 +103,13 @@ class AttackContext:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, per-sample loss and input gradient of the criterion's loss (or ``loss_fn``,
         called as ``loss_fn(logits, index_into_batch)``) for the rows ``index`` of the batch."""
-        self.forward_passes += int(x.shape[0])
-        self.backward_passes += int(x.shape[0])
+        self.forward_passes += int(x.shape[0]) * self.eot
+        self.backward_passes += int(x.shape[0]) * self.eot
         fn = loss_fn if loss_fn is not None else self.criterion.loss
-        return self.model.value_and_grad(x, lambda logits, i: fn(logits, index[i]))
+        adaptive: dict[str, Any] = {}
+        if self.bpda or self.eot > 1:  # only then: model kinds without a defense need not know
+            adaptive = {"bpda": self.bpda, "eot": self.eot}
+        return self.model.value_and_grad(x, lambda logits, i: fn(logits, index[i]), **adaptive)
 
     def is_adversarial(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.criterion.is_adversarial(logits, index)
@@ -272,6 +280,7 @@ class Attack(ABC):
             m_dev = None if m is None else m.to(device=device, dtype=dtype)
             ctx = AttackContext(model, x, y_dev, t_dev, crit, m_dev, num_classes, gen)
             ctx.forward_passes = ctx_forward
+            ctx.bpda, ctx.eot = _adaptive_options(self)
             eps = self._budget(n, device)
             out = self.run(ctx)
             adv_w, logits = self._enforce(ctx, out, eps)
@@ -288,8 +297,10 @@ class Attack(ABC):
             # noise from another batch composition could flip the decision (minimum-norm attacks
             # end on the boundary by design), so the whole returned batch is evaluated once more,
             # as a user checking ``model.logits(adversarial)`` would.
+            # A randomized model (defense) is always judged on its own majority vote.
             if (
                 logits is None
+                or model.capabilities.randomized
                 or bool(_rows_differ(final.to(dtype), adv_w).any())
                 or bool(model.near_tie(logits).any())
             ):
@@ -488,6 +499,14 @@ def _check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     if m.is_floating_point() and not torch.isfinite(m).all():
         raise ValueError("mask contains NaN or Inf")
     return (m != 0).to(inputs.dtype)
+
+
+def _adaptive_options(attack: Attack) -> tuple[bool, int]:
+    """An attack's ``bpda`` (bool) and ``eot`` (a positive int) for a defended model; attacks
+    whose ``eot`` means something else (a patch attack's transformation set) get ``(.., 1)``."""
+    eot = getattr(attack, "eot", 1)
+    eot = eot if isinstance(eot, int) and not isinstance(eot, bool) and eot >= 1 else 1
+    return getattr(attack, "bpda", False) is True, eot
 
 
 def _rows_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,11 @@ class GradientAttack(FixedBudgetAttack):
         early_stop: stop updating samples as soon as they are adversarial.
         momentum: the decay ``mu`` of MI-FGSM's accumulated, L1-normalized gradient (0 = none).
         l1_sparsity: fraction of coordinates moved per step under L1 (Tramer & Boneh's q).
+        bpda: against a defended model, run each non-differentiable defense straight-through with
+            its backward approximation (BPDA, Athalye et al., ICML 2018).
+        eot: average the gradient over this many draws of a randomized defense (Expectation over
+            Transformation, Athalye et al., ICML 2018); each draw counts as a forward and a
+            backward pass.
         input_diversity: DI's probability ``p`` of a random resize-and-pad of the input before
             each forward pass (Xie et al., CVPR 2019; :mod:`medrobust.attacks.boost`). The loop
             then cannot judge success on the iterates (their outputs are of transformed inputs):
@@ -110,6 +115,8 @@ class GradientAttack(FixedBudgetAttack):
         early_stop: bool = False,
         momentum: float = 0.0,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         input_diversity: float = 0.0,
         translation_kernel: int | str | None = None,
         seed: int | None = None,
@@ -137,6 +144,8 @@ class GradientAttack(FixedBudgetAttack):
             raise ValueError(f"rel_step_size must be > 0; got {rel_step_size!r}")
         if not 0.0 <= momentum:
             raise ValueError(f"momentum must be >= 0; got {momentum!r}")
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"eot must be a positive integer; got {eot!r}")
         if isinstance(self.norm, L1):
             self.norm = L1(l1_sparsity)
         self.steps = steps
@@ -147,6 +156,8 @@ class GradientAttack(FixedBudgetAttack):
         self.early_stop = bool(early_stop)
         self.momentum = float(momentum)
         self.l1_sparsity = float(l1_sparsity)
+        self.bpda = bool(bpda)
+        self.eot = eot
 
     def _steps_per_sample(self, eps: torch.Tensor) -> torch.Tensor:
         if self.step_size is not None:
@@ -261,6 +272,8 @@ class FGSM(GradientAttack):
         step_size: float | None = None,
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         input_diversity: float = 0.0,
         translation_kernel: int | str | None = None,
         seed: int | None = None,
@@ -271,7 +284,8 @@ class FGSM(GradientAttack):
             rel_step_size=1.25 if random_start else 1.0,
             random_start=random_start, restarts=1, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -294,6 +308,8 @@ class BIM(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         input_diversity: float = 0.0,
         translation_kernel: int | str | None = None,
         seed: int | None = None,
@@ -303,7 +319,8 @@ class BIM(GradientAttack):
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=False, restarts=1, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -326,6 +343,8 @@ class PGD(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         input_diversity: float = 0.0,
         translation_kernel: int | str | None = None,
         seed: int | None = None,
@@ -335,7 +354,8 @@ class PGD(GradientAttack):
             eps, norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -358,6 +378,8 @@ class MIFGSM(GradientAttack):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         input_diversity: float = 0.0,
         translation_kernel: int | str | None = None,
         seed: int | None = None,
@@ -367,7 +389,8 @@ class MIFGSM(GradientAttack):
             eps, norm, steps=steps, step_size=step_size, rel_step_size=1.0 / steps,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             momentum=momentum, l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -392,6 +415,8 @@ class DIFGSM(MIFGSM):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -399,7 +424,8 @@ class DIFGSM(MIFGSM):
             eps, norm, steps=steps, step_size=step_size, momentum=momentum,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 
@@ -424,6 +450,8 @@ class TIFGSM(MIFGSM):
         loss: str = "ce",
         early_stop: bool = False,
         l1_sparsity: float = 0.05,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -431,7 +459,8 @@ class TIFGSM(MIFGSM):
             eps, norm, steps=steps, step_size=step_size, momentum=momentum,
             random_start=random_start, restarts=restarts, loss=loss, early_stop=early_stop,
             l1_sparsity=l1_sparsity, input_diversity=input_diversity,
-            translation_kernel=translation_kernel, seed=seed, generator=generator,
+            translation_kernel=translation_kernel, bpda=bpda, eot=eot, seed=seed,
+            generator=generator,
         )
 
 

@@ -74,6 +74,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="allow a model folder whose architecture names Python code "
                         "(package.module:function) to import and run it; only for folders whose "
                         "author you trust (default: off, only registered networks are built)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="defended models: evaluate naively and adaptively (BPDA/EOT) side by side "
+                        "and flag gradient masking (medrobust.evaluation.adaptive)")
+    p.add_argument("--eot", type=int, default=8,
+                   help="with --adaptive: EOT draws for randomized defenses (default: 8)")
     return p  # type: ignore[no-any-return]
 
 
@@ -167,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
               f"{args.norm} budgets in {units}: {', '.join(b.label for b in budgets)}",
               file=sys.stderr)
+    if args.adaptive:
+        return _run_adaptive(args, loaded, data, attacks, budgets, out)
     try:
         result = evaluate(
             loaded, data, attacks=attacks, eps=budgets, norm=args.norm, out=out,
@@ -209,4 +216,26 @@ def _run_segmentation(args: argparse.Namespace, loaded: Any, data: Any, attacks:
         raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
     print("\n".join(summary_lines(doc)))
     print(f"results: {out / RESULTS_FILE}")
+    return 0
+
+
+def _run_adaptive(args: argparse.Namespace, loaded: Any, data: Any, attacks: list[str],
+                  budgets: Any, out: Path) -> int:
+    from medrobust.evaluation import EvaluationError
+    from medrobust.evaluation.adaptive import evaluate_adaptive, table
+
+    try:
+        summary = evaluate_adaptive(
+            loaded, data, attacks=attacks, out=out, eot=args.eot, eps=budgets, norm=args.norm,
+            batch_size=args.batch_size, seed=args.seed, direction=args.direction,
+            progress=not args.quiet, overwrite=args.overwrite,
+            positive_class=args.positive_class, gallery=args.gallery, steps=args.steps,
+        )
+    except EvaluationError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
+    print(table(summary["rows"]))
+    print(f"naive: {out / 'naive'}; adaptive: {out / 'adaptive'}; "
+          f"comparison: {out / 'adaptive.json'}")
     return 0

@@ -75,6 +75,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="train on a random subset of this many samples (and validate on at most "
                         "as many)")
+    p.add_argument("--adversarial", default=None,
+                   choices=["fgsm-rs", "pgd", "trades", "mixed", "advprop"],
+                   help="adversarial training (medrobust.defenses.training); needs --eps")
+    p.add_argument("--eps", default=None,
+                   help="L-inf budget of --adversarial in the data's units, e.g. 0.0157 or 4/255")
+    p.add_argument("--attack-steps", type=int, default=None,
+                   help="inner-maximization steps (default: 1 for fgsm-rs/mixed, 7 otherwise)")
+    p.add_argument("--trades-beta", type=float, default=6.0, help="TRADES beta (default 6)")
+    p.add_argument("--eps-warmup", type=int, default=0,
+                   help="epochs over which the budget grows linearly to --eps (default 0)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint file written after every epoch; when it exists, training "
+                        "resumes after its epoch (run the same command again)")
     p.add_argument("--no-test", action="store_true", help="do not evaluate on the test split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
@@ -207,6 +220,40 @@ def _build(model: str, args: dict[str, Any], seed: int) -> tuple[torch.nn.Module
     return net, {"name": name}
 
 
+def _adversarial(args: argparse.Namespace) -> Any:
+    """The :class:`~medrobust.defenses.training.AdversarialTraining` asked for, or None."""
+    if args.adversarial is None:
+        if args.eps is not None:
+            raise CLIError("--eps is the budget of --adversarial; give --adversarial METHOD too")
+        return None
+    if args.eps is None:
+        raise CLIError(f"--adversarial {args.adversarial} needs --eps (in the data's units)")
+    try:
+        num, _, den = str(args.eps).partition("/")
+        eps = float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise CLIError(
+            f"--eps must be a number or a fraction like 4/255; got {args.eps!r}"
+        ) from None
+    from medrobust.defenses.base import DefenseError
+    from medrobust.defenses.training import AdversarialTraining
+
+    try:
+        return AdversarialTraining(args.adversarial, eps, steps=args.attack_steps,
+                                   beta=args.trades_beta, warmup_epochs=args.eps_warmup,
+                                   seed=args.seed)
+    except DefenseError as err:
+        raise CLIError(f"--adversarial: {err}") from None
+
+
+def _adversarial_hooks(adversarial: Any) -> dict[str, Any]:
+    if adversarial is None:
+        return {}
+    if adversarial.method in ("fgsm-rs", "pgd"):
+        return {"example_generator": adversarial}
+    return {"objective": adversarial.objective}
+
+
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     from medrobust.modelstore import ModelError, atomic_directory, write_model_files
@@ -241,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
 
         return (train_tasks.run_detection if args.task == "detection"
                 else train_tasks.run_inpaint)(args)
+
+    adversarial = _adversarial(args)
 
     # ---- data
     try:
@@ -297,6 +346,10 @@ def run(args: argparse.Namespace) -> int:
                 f"--model {arch['name']} is a {net_task} network but {args.data} is a "
                 f"{task} dataset"
             )
+    if adversarial is not None and adversarial.method == "advprop":
+        from medrobust.defenses.training import add_auxiliary_bn
+
+        add_auxiliary_bn(net)
     n_params = sum(p.numel() for p in net.parameters())
     print(
         f"medrobust train: {args.data} ({task}, {train_data.num_classes} classes, "
@@ -325,9 +378,14 @@ def run(args: argparse.Namespace) -> int:
                     schedule=args.schedule, seed=args.seed, device=device, mean=mean, std=std,
                     preprocess=preprocess, progress=not args.no_progress,
                     log_path=tmp / "metrics.jsonl", on_epoch_end=show,
+                    checkpoint=args.checkpoint, **_adversarial_hooks(adversarial),
                 )
             except FloatingPointError as err:
                 raise CLIError(str(err)) from None
+            if adversarial is not None and adversarial.method == "advprop":
+                from medrobust.defenses.training import strip_auxiliary_bn
+
+                strip_auxiliary_bn(result.module)  # the main batch norms serve inference
             test_metrics: dict[str, float] | None = None
             if has_splits and not args.no_test and result.classifier is not None:
                 try:
@@ -369,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
                 "wall_time_s": round(result.wall_time, 2),
                 "metrics_log": "metrics.jsonl",
             }
+            if adversarial is not None:
+                training_info["adversarial"] = adversarial.config()
             write_model_files(
                 tmp, result.module,
                 architecture=arch.get("name"), factory=arch.get("factory"),

@@ -116,6 +116,10 @@ class Model(ABC):
             mapping HU to [0, 1], or a resize to the network's input size).
         chunk_size: the largest batch sent through the module at once; larger batches are split.
         device: where the module lives; by default the device of its first parameter or buffer.
+        defense: a :class:`~medrobust.defenses.Defense` or a list of them (applied in order), run
+            after the bounds check and before ``preprocess`` (see :mod:`medrobust.defenses`).
+        votes: with a randomized defense, :meth:`logits` and :meth:`predict` decide by majority
+            over this many draws (default 10).
     """
 
     capabilities: Capabilities = Capabilities()
@@ -131,6 +135,8 @@ class Model(ABC):
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         chunk_size: int = 1024,
         device: torch.device | str | None = None,
+        defense: Any = None,
+        votes: int = 10,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
@@ -152,6 +158,15 @@ class Model(ABC):
         self.chunk_size = int(chunk_size)
         self._device = torch.device(device) if device is not None else None
         self._rank = _conv_rank(module)
+        self.defense: Any = None
+        if defense is not None:
+            from medrobust.defenses.base import as_chain
+
+            self.defense = as_chain(defense)
+        if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
+            raise ValueError(f"votes must be a positive integer; got {votes!r}")
+        self.votes = votes
+        self._bpda = False
 
     # ------------------------------------------------------------------ basics
     @property
@@ -183,7 +198,20 @@ class Model(ABC):
         """``hi - lo`` of the bounds."""
         return self.bounds[1] - self.bounds[0]
 
+    @property
+    def randomized_defense(self) -> bool:
+        """A randomized defense is attached (predictions are majority votes over ``votes``)."""
+        return self.defense is not None and bool(self.defense.randomized)
+
+    @property
+    def draws_per_prediction(self) -> int:
+        """Forward passes per sample spent by :meth:`logits` (``votes`` with a randomized
+        defense, else 1)."""
+        return self.votes if self.randomized_defense else 1
+
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.defense is not None:
+            x = self.defense(x, self.bounds, self._bpda)
         if self.preprocess is not None:
             x = self.preprocess(x)
         if self.mean is None and self.std is None:
@@ -255,11 +283,30 @@ class Model(ABC):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs for a batch of any size, chunked, without autograd, in the current mode."""
-        parts = [self.forward(x[s]) for s in self._chunks(x.shape[0])]
+        """Outputs for a batch of any size, chunked, without autograd, in the current mode.
+
+        With a randomized defense and class outputs, the scores are the majority vote over
+        ``votes`` draws: ``(count_k + mean_softmax_k / 2) / votes`` for class ``k``, so that the
+        argmax is the most frequent class (ties broken by the mean probability) and the value is
+        the fraction of votes; other output kinds average the draws' outputs."""
+        if self.randomized_defense and self.votes > 1:
+            parts = [self._vote(x[s]) for s in self._chunks(x.shape[0])]
+        else:
+            parts = [self.forward(x[s]) for s in self._chunks(x.shape[0])]
         if not parts:
             raise ValueError("logits of an empty batch")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _vote(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.forward(x) for _ in range(self.votes)]
+        if self.capabilities.output != "class":
+            return torch.stack(outs).mean(0)
+        counts = torch.zeros_like(outs[0])
+        probs = torch.zeros_like(outs[0])
+        for o in outs:
+            counts += torch.nn.functional.one_hot(o.argmax(1), o.shape[1]).to(o.dtype)
+            probs += o.softmax(1)
+        return (counts + probs / (2 * self.votes)) / self.votes
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Decisions (classes, findings or label maps), in eval mode (modes restored)."""
@@ -267,23 +314,42 @@ class Model(ABC):
             return self.predictions(self.logits(x))
 
     def value_and_grad(
-        self, x: torch.Tensor, loss_fn: LossFn
+        self, x: torch.Tensor, loss_fn: LossFn, *, bpda: bool = False, eot: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Outputs, per-sample losses and the gradient of the summed loss with respect to ``x``.
 
         ``loss_fn(outputs, index)`` gets each chunk's outputs and the index of those rows in ``x``.
         Gradients flow to the input only (``torch.autograd.grad``), chunk by chunk.
+
+        With a defense attached: ``bpda=True`` runs each non-differentiable defense
+        straight-through with its backward approximation (Athalye et al., ICML 2018), and
+        ``eot=N`` averages outputs, losses and gradients over ``N`` draws of the defense's
+        randomness (Expectation over Transformation). Without them the gradient is whatever
+        autograd gives (zero where a defense is not differentiable: the naive attack).
         """
         if not self.capabilities.gradients:
             raise TypeError(f"this {self.kind} offers no gradients")
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"eot must be a positive integer; got {eot!r}")
         out_parts, loss_parts, grad_parts = [], [], []
         for s in self._chunks(x.shape[0]):
             xi = x[s].detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = self.forward(xi)
-                index = torch.arange(s.start, s.stop, device=out.device)
-                loss = loss_fn(out, index)
-                (grad,) = torch.autograd.grad(loss.sum(), xi)
+            for draw in range(eot):
+                self._bpda = bool(bpda)
+                try:
+                    with torch.enable_grad():
+                        o = self.forward(xi)
+                        index = torch.arange(s.start, s.stop, device=o.device)
+                        lo = loss_fn(o, index)
+                        g = self._input_grad(lo, xi)
+                finally:
+                    self._bpda = False
+                if draw == 0:
+                    out, loss, grad = o.detach(), lo.detach(), g.detach()
+                else:
+                    out, loss, grad = out + o.detach(), loss + lo.detach(), grad + g.detach()
+            if eot > 1:
+                out, loss, grad = out / eot, loss / eot, grad / eot
             out_parts.append(out.detach())
             loss_parts.append(loss.detach())
             grad_parts.append(grad.detach())
@@ -291,11 +357,24 @@ class Model(ABC):
             return out_parts[0], loss_parts[0], grad_parts[0]
         return torch.cat(out_parts), torch.cat(loss_parts), torch.cat(grad_parts)
 
+    def _input_grad(self, loss: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        if self.defense is None:
+            (grad,) = torch.autograd.grad(loss.sum(), xi)
+            return grad
+        # a non-differentiable defense may cut the graph: autograd's answer is then zero
+        if not loss.requires_grad:
+            return torch.zeros_like(xi)
+        (grad,) = torch.autograd.grad(loss.sum(), xi, allow_unused=True)
+        return torch.zeros_like(xi) if grad is None else grad
+
     # ------------------------------------------------------------ attack mode
     @contextlib.contextmanager
     def attack_mode(self) -> Iterator[Model]:
         """Eval mode for the duration of the block; every submodule's mode is restored after."""
         modes = [(m, m.training) for m in self.module.modules()]
+        if self.defense is not None:  # learned defenses (denoisers) run in eval mode too
+            modes += [(m, m.training) for m in self.defense.modules()]
+            self.defense.eval()
         self.module.eval()
         try:
             yield self

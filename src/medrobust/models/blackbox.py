@@ -134,7 +134,7 @@ class BlackBox(Model):
         """Set :attr:`queries` to zero."""
         self.queries = 0
 
-    def value_and_grad(self, x: torch.Tensor, loss_fn: Any) -> Any:
+    def value_and_grad(self, x: torch.Tensor, loss_fn: Any, **adaptive: Any) -> Any:
         raise TypeError(
             "a black box offers no gradients; use a score- or decision-based attack "
             "(square, simba, hopskipjump) or a transfer attack from a proxy"

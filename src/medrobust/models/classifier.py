@@ -46,6 +46,10 @@ class Classifier(Model):
         device: where the module lives; by default the device of its first parameter or buffer.
         task: ``"multiclass"`` (one class per sample; binary included) or ``"multilabel"``
             (several findings per sample, labels ``(N, F)`` of 0/1).
+        defense: a :class:`~medrobust.defenses.Defense` or a list of them (applied in order),
+            run after the bounds check and before ``preprocess``; a randomized one makes
+            ``capabilities.randomized`` true and predictions majority votes over ``votes`` draws.
+        votes: draws per prediction with a randomized defense (default 10).
 
     The wrapper never changes the module permanently: :meth:`attack_mode` switches it to eval mode
     for the duration of an attack and restores every submodule's previous mode afterwards. Gradients
@@ -67,8 +71,11 @@ class Classifier(Model):
         chunk_size: int = 1024,
         device: torch.device | str | None = None,
         task: str = "multiclass",
+        defense: Any = None,
+        votes: int = 10,
     ) -> None:
-        super().__init__(module, bounds, mean, std, preprocess, chunk_size, device)
+        super().__init__(module, bounds, mean, std, preprocess, chunk_size, device,
+                         defense=defense, votes=votes)
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}; got {task!r}")
         low = 1 if task == "multilabel" else 2
@@ -79,7 +86,8 @@ class Classifier(Model):
         self.num_classes = None if num_classes is None else int(num_classes)
         self.task = task
         self.capabilities = Capabilities(
-            output="multilabel" if task == "multilabel" else "class"
+            output="multilabel" if task == "multilabel" else "class",
+            randomized=self.randomized_defense,
         )
 
     @property
@@ -190,6 +198,8 @@ class Classifier(Model):
 
     def __repr__(self) -> str:
         task = "" if self.task == "multiclass" else f", task={self.task!r}"
+        if self.defense is not None:
+            task += f", defense={[d.name for d in self.defense]}"
         return (
             f"Classifier({type(self.module).__name__}, bounds={self.bounds}, "
             f"num_classes={self.num_classes}, chunk_size={self.chunk_size}{task})"

@@ -128,10 +128,13 @@ class Ensemble(Model):
     __call__ = forward
 
     def value_and_grad(
-        self, x: torch.Tensor, loss_fn: LossFn
+        self, x: torch.Tensor, loss_fn: LossFn, *, bpda: bool = False, eot: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.combine == "logits":
-            return super().value_and_grad(x, loss_fn)
+            return super().value_and_grad(x, loss_fn, bpda=bpda, eot=eot)
+        if bpda or eot != 1:
+            raise ValueError("adaptive gradients (bpda/eot) are available for ensembles that "
+                             "combine logits only")
         out_parts, loss_parts, grad_parts = [], [], []
         for s in self._chunks(x.shape[0]):
             xi = x[s].detach().requires_grad_(True)
