@@ -57,6 +57,10 @@ def cli_wording(message: str) -> str:
     return message
 
 
+DISTRIBUTED_COMMANDS = ("evaluate", "train")
+"""Subcommands that split their work across the ranks of a torchrun launch."""
+
+
 def attack_names() -> str:
     """The registered attack names, comma-separated (for help texts)."""
     from medrobust.attacks import ATTACKS
@@ -98,18 +102,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from medrobust import progress
+    from medrobust import distributed, progress
 
     quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
     try:
-        with progress.shown(not quiet):  # long loops report their steps on stderr
+        # under torchrun: join the process group (gloo on CPUs, nccl on GPUs per local rank)
+        dctx = distributed.init(getattr(args, "device", None))
+    except distributed.DistributedError as err:
+        print(f"medrobust {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if dctx is not None and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"medrobust {args.command}: error: this command runs in one process; under "
+              f"torchrun use one of {', '.join(DISTRIBUTED_COMMANDS)}", file=sys.stderr)
+        distributed.shutdown()
+        return 2
+    try:
+        with progress.shown(not quiet and (dctx is None or dctx.is_main)):
             return int(modules[args.command].run(args))  # type: ignore[attr-defined]
-    except CLIError as err:
-        print(f"medrobust {args.command}: error: {cli_wording(str(err))}", file=sys.stderr)
+    except (CLIError, distributed.DistributedError) as err:
+        where = "" if dctx is None else f" (rank {dctx.rank})"
+        print(f"medrobust {args.command}{where}: error: {cli_wording(str(err))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,10 +134,13 @@ def run(args: argparse.Namespace) -> int:
         )
 
     model_dir = Path(args.model).expanduser()
+    from medrobust import distributed
     from medrobust.modelstore import ModelError, load_model
 
+    dctx = distributed.current()  # under torchrun: each rank on its own device
+    device = args.device if args.device is not None or dctx is None else str(dctx.device)
     try:
-        loaded = load_model(model_dir, device=args.device, trust_code=args.trust_code)
+        loaded = load_model(model_dir, device=device, trust_code=args.trust_code)
     except ModelError as err:
         raise CLIError(str(err)) from None
     except RuntimeError as err:  # e.g. an unavailable device
@@ -168,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
     units = loaded.units
     if loaded.segmenter is not None:  # a segmenter: Dice under attack (evaluation.segmentation)
         return _run_segmentation(args, loaded, data, attacks, budgets, out)
-    if not args.quiet:
+    if dctx is not None and (loaded.segmenter is not None or args.adaptive):
+        raise CLIError("under torchrun, evaluate splits classifier evaluations only; run "
+                       "segmentation and --adaptive evaluations in one process")
+    if not args.quiet and (dctx is None or dctx.is_main):
         print(f"evaluating {model_dir} on {args.data} ({args.split}, n = {len(data)}); "
               f"{args.norm} budgets in {units}: {', '.join(b.label for b in budgets)}",
               file=sys.stderr)
@@ -185,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(err)) from None
     except OSError as err:  # a write outside the engine's own checks (disk full, permissions)
         raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
+    if dctx is not None and not dctx.is_main:
+        return 0  # rank 0 aggregates, writes and prints
     run_info = result.results["run"]
     print(result.summary_table())
     print(f"units computed: {run_info['units_computed']}, reused: {run_info['units_reused']}")

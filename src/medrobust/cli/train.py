@@ -369,6 +369,20 @@ def run(args: argparse.Namespace) -> int:
         parts.append(f"{rec['time_s']:.1f} s")
         print("  ".join(parts) + ("  *best" if rec.get("best") else ""), flush=True)
 
+    from medrobust import distributed
+
+    dctx = distributed.current()
+    if dctx is not None and not dctx.is_main:
+        # under torchrun every rank trains its shard (DistributedDataParallel); rank 0 writes
+        try:
+            train(net, train_data, val_data, epochs=args.epochs, batch_size=args.batch_size,
+                  lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                  schedule=args.schedule, seed=args.seed, device=device, mean=mean, std=std,
+                  preprocess=preprocess, progress=False, checkpoint=args.checkpoint,
+                  **_adversarial_hooks(adversarial))
+        except FloatingPointError as err:
+            raise CLIError(str(err)) from None
+        return 0
     try:
         with atomic_directory(out, overwrite=args.overwrite, flag="--overwrite") as tmp:
             try:

@@ -247,6 +247,27 @@ def evaluate(
     settings.robust_auc = bool(robust_auc)
 
     out_dir = None if out is None else Path(out).expanduser()
+    from medrobust import distributed
+
+    dctx = distributed.current()  # set when launched by torchrun (medrobust.distributed.init)
+    if dctx is not None:
+        if out_dir is None:
+            raise EvaluationError(
+                "a distributed evaluation (torchrun) needs an output folder (--out / out=) on a "
+                "filesystem every rank can reach"
+            )
+        from medrobust.evaluation.sharded import shard_phase
+
+        settings.progress = settings.progress and dctx.is_main
+
+        shard_phase(dctx, clf=clf, data=data, labels=labels,
+                    plan=make_plan(specs, budgets, big, len(data), batch_size),
+                    settings=settings, out_dir=out_dir, overwrite=overwrite,
+                    run_hash=run_hash, run_id=run_id)
+        if not dctx.is_main:  # rank 0 aggregates and writes; the others are done
+            return EvaluationResult({"distributed": {"rank": dctx.rank,
+                                                     "world_size": dctx.world_size}}, out_dir)
+        overwrite = False  # rank 0 already cleared the folder before the ranks computed
     if out_dir is None:
         results, gal, gal_json, counts = _compute(
             clf, info, data, labels, specs, budgets, big, k, pos, settings, None, batch_size,
@@ -281,6 +302,7 @@ def evaluate(
             doc = _document(results, gal_json, counts, info, data, specs, budgets, big, k, pos,
                             norm_name, batch_size, direction, seed, data_sha, run_hash, clf,
                             started, started_iso)
+            doc["run"]["world_size"] = 1 if dctx is None else dctx.world_size
             _write(out_dir, doc, gal)
             return EvaluationResult(doc, out_dir, gal)
     doc = _document(results, gal_json, counts, info, data, specs, budgets, big, k, pos,

@@ -53,8 +53,8 @@ def write_bytes(path: Path, data: bytes) -> None:
 class OutputLock:
     """An exclusive, non-blocking lock on an output folder for the duration of a run."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_NAME
+    def __init__(self, folder: Path, name: str = LOCK_NAME) -> None:
+        self.path = folder / name
         self._fd: int | None = None
 
     def acquire(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +117,11 @@ def compute_unit(clf: Classifier, unit: Unit, x: torch.Tensor, y: torch.Tensor,
 
 def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
              store: ResultsStore, settings: RunSettings,
-             clean_all: dict[str, np.ndarray] | None = None) -> Collected:
+             clean_all: dict[str, np.ndarray] | None = None,
+             batches: Sequence[int] | None = None) -> Collected:
     """Compute (or read back) every unit; return the per-sample vectors, in sample order.
+
+    ``batches``: only these batches (a rank's share of a distributed run); default all.
 
     ``clean_all``: the clean pass of an earlier run over all samples, for a plan without clean
     units (a follow-up)."""
@@ -134,7 +138,7 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
     bar = Progress("evaluate", len(plan), unit="unit", show=settings.progress)
     num_classes = 0
     try:
-        for b in range(nb):
+        for b in (range(nb) if batches is None else batches):
             sl = plan.slice(b)
             x = data.images[sl]
             y = labels[sl]
