@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from medrobust.models.base import Capabilities, Model, ModelOutputError
-from medrobust.models.classifier import Classifier
+from medrobust.models.classifier import Classifier, ClassTask
 
 if TYPE_CHECKING:
     from medrobust.attacks.base import AttackContext
-    from medrobust.criteria import Criterion
 
 OUTPUTS = ("label", "logits", "probs")
 
@@ -60,7 +59,7 @@ class _Oracle(nn.Module):
         return fn(x)
 
 
-class BlackBox(Model):
+class BlackBox(ClassTask, Model):
     """Any callable returning labels or scores, as a model that attacks can query.
 
     Args:
@@ -251,20 +250,6 @@ class BlackBox(Model):
                 if len(self._answers) > self._history:
                     self._answers.popitem(last=False)
 
-    # ------------------------------------------------------------------ the task
-    def check_labels(self, labels: Any, n: int, name: str = "labels") -> torch.Tensor:
-        return self._task.check_labels(labels, n, name)
-
-    def check_label_values(
-        self, labels: torch.Tensor, target: torch.Tensor | None, num_outputs: int
-    ) -> None:
-        self._task.check_label_values(labels, target, num_outputs)
-
-    def default_criterion(self, targeted: bool) -> Criterion:
-        return self._task.default_criterion(targeted)
-
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.argmax(1)
 
     def near_tie(self, outputs: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
         if self.output == "label":  # one-hot rows: never a float tie

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 TASKS = ("multiclass", "multilabel")
 
-__all__ = ["Classifier", "LossFn", "TASKS"]
+__all__ = ["ClassTask", "Classifier", "LossFn", "TASKS"]
 
 
 class Classifier(Model):
@@ -204,3 +204,25 @@ class Classifier(Model):
             f"Classifier({type(self.module).__name__}, bounds={self.bounds}, "
             f"num_classes={self.num_classes}, chunk_size={self.chunk_size}{task})"
         )
+
+
+class ClassTask:
+    """The classification task of a model kind that classifies through others (a black box, an
+    ensemble): labels, targets, criteria and decisions are those of the :class:`Classifier` held
+    in ``self._task``."""
+
+    _task: Classifier
+
+    def check_labels(self, labels: Any, n: int, name: str = "labels") -> torch.Tensor:
+        return self._task.check_labels(labels, n, name)
+
+    def check_label_values(
+        self, labels: torch.Tensor, target: torch.Tensor | None, num_outputs: int
+    ) -> None:
+        self._task.check_label_values(labels, target, num_outputs)
+
+    def default_criterion(self, targeted: bool) -> Criterion:
+        return self._task.default_criterion(targeted)
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self._task.predictions(outputs)

@@ -21,17 +21,17 @@ import torch
 from torch import nn
 
 from medrobust.models.base import Capabilities, LossFn, Model, ModelOutputError
-from medrobust.models.classifier import Classifier
+from medrobust.models.classifier import Classifier, ClassTask
 
 if TYPE_CHECKING:
-    from medrobust.criteria import Criterion
+    pass
 
 COMBINE = ("logits", "loss")
 
 __all__ = ["COMBINE", "Ensemble"]
 
 
-class Ensemble(Model):
+class Ensemble(ClassTask, Model):
     """Several classifiers attacked as one.
 
     Args:
@@ -149,20 +149,6 @@ class Ensemble(Model):
             grad_parts.append(grad.detach())
         return torch.cat(out_parts), torch.cat(loss_parts), torch.cat(grad_parts)
 
-    # ------------------------------------------------------------------ the task
-    def check_labels(self, labels: Any, n: int, name: str = "labels") -> torch.Tensor:
-        return self._task.check_labels(labels, n, name)
-
-    def check_label_values(
-        self, labels: torch.Tensor, target: torch.Tensor | None, num_outputs: int
-    ) -> None:
-        self._task.check_label_values(labels, target, num_outputs)
-
-    def default_criterion(self, targeted: bool) -> Criterion:
-        return self._task.default_criterion(targeted)
-
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.argmax(1)
 
     def check_inputs(self, x: torch.Tensor, name: str = "inputs") -> None:
         for m in self.members:
