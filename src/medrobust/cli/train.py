@@ -82,7 +82,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="L-inf budget of --adversarial in the data's units, e.g. 0.0157 or 4/255")
     p.add_argument("--attack-steps", type=int, default=None,
                    help="inner-maximization steps (default: 1 for fgsm-rs/mixed, 7 otherwise)")
-    p.add_argument("--trades-beta", type=float, default=6.0, help="TRADES beta (default 6)")
+    p.add_argument("--trades-beta", type=float, default=6.0,
+                   help="TRADES beta (the weight of the robustness term)")
     p.add_argument("--eps-warmup", type=int, default=0,
                    help="epochs over which the budget grows linearly to --eps (default 0)")
     p.add_argument("--checkpoint", default=None,
