@@ -414,3 +414,20 @@ def test_defensegan_projects_onto_the_generator(pneumonia, pneumonia_train) -> N
     assert gan.randomized and not gan.differentiable
     with pytest.raises(DefenseError, match="built for"):
         gan(torch.rand(2, 1, 16, 16))
+
+
+def test_apgd_is_adaptive_too(pneumonia):  # type: ignore[no-untyped-def]
+    """APGD takes bpda= and eot= like the other gradient attacks: naive APGD through Pillow's
+    JPEG gets no gradient, BPDA APGD breaks the defense, and EOT draws are counted."""
+    from medrobust.attacks import APGD
+
+    net, x, y = pneumonia
+    jpeg = get_defense("jpeg", quality=60, approximation="dct")
+    model = mr.Classifier(net, num_classes=2, defense=jpeg)
+    naive = APGD(8 / 255, steps=20, seed=0)(model, x, y)
+    adaptive = APGD(8 / 255, steps=20, seed=0, bpda=True)(model, x, y)
+    assert adaptive.robust_accuracy < naive.robust_accuracy - 0.3
+    noisy = mr.Classifier(net, num_classes=2, defense=get_defense("noise", sigma=0.05))
+    one = APGD(8 / 255, steps=3, seed=0, early_stop=False)(noisy, x[:4], y[:4])
+    four = APGD(8 / 255, steps=3, seed=0, early_stop=False, eot=4)(noisy, x[:4], y[:4])
+    assert four.backward_passes == 4 * one.backward_passes

@@ -172,11 +172,19 @@ class APGD(FixedBudgetAttack):
         eot_iter: int = 1,
         early_stop: bool = True,
         large_eps_schedule: bool = False,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(eps, norm, loss=loss, seed=seed, generator=generator)
         _check_int("steps", steps)
+        _check_int("eot", eot)
+        # against a defended model (medrobust.defenses): BPDA through non-differentiable
+        # defenses, and each gradient averaged over ``eot`` draws of a randomized one (Athalye
+        # et al., ICML 2018); ``eot_iter`` is AutoAttack's own repetition of whole gradient steps
+        self.bpda = bool(bpda)
+        self.eot = eot
         _check_int("restarts", restarts)
         _check_int("eot_iter", eot_iter)
         if not 0.0 < rho < 1.0:
@@ -414,13 +422,16 @@ class APGDT(APGD):
         eot_iter: int = 1,
         early_stop: bool = True,
         large_eps_schedule: bool = False,
+        bpda: bool = False,
+        eot: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         # "dlr" under a target is the targeted DLR loss (criteria.TargetedMisclassification)
         super().__init__(eps, norm, steps=steps, restarts=restarts, loss="dlr", rho=rho,
                          momentum=momentum, eot_iter=eot_iter, early_stop=early_stop,
-                         large_eps_schedule=large_eps_schedule, seed=seed, generator=generator)
+                         large_eps_schedule=large_eps_schedule, bpda=bpda, eot=eot, seed=seed,
+                         generator=generator)
         _check_int("n_target_classes", n_target_classes)
         self.n_target_classes = n_target_classes
 
