@@ -25,10 +25,12 @@ from medrobust.nets import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "phantom-16"
-# 24 samples in 3 batches; 3 budgets (+ the large one) x 2 attacks + clean = 27 units
+# 24 samples in 3 batches; 3 budgets (+ the large one) x 2 attacks + clean = 27 units. The
+# untrained model fails the large-eps check, so the engine also runs its fallback attacks (one
+# ensemble at the 3 budgets): 9 more units, stored and resumed like the others.
 ARGS = ["--data", DATA, "--split", "test", "--limit", "24", "--batch-size", "8",
         "--attacks", "fgsm,pgd", "--eps", "0,1/255,4/255", "--steps", "5", "--gallery", "2"]
-UNITS = 3 * (1 + 2 * 4)
+UNITS = 3 * (1 + 2 * 4) + 3 * 3
 
 
 @pytest.fixture(autouse=True)

@@ -75,8 +75,8 @@ def test_clean_and_robust_accuracy_match_hand_computation(linear_result: Evaluat
             assert e["eps"] == eps
             assert e["robust_accuracy"]["k"] == int(want.sum()), (name, eps)
             # success rate among the correctly classified samples
-            assert e["success_rate"]["n"] == int(clean_ok.sum())
-            assert e["success_rate"]["k"] == int((clean_ok & ~want).sum())
+            assert e["success_on_correct"]["n"] == int(clean_ok.sum())
+            assert e["success_on_correct"]["k"] == int((clean_ok & ~want).sum())
             # binary: sensitivity and specificity under attack, per class
             assert e["sensitivity"]["k"] == int(want[y == 1].sum())
             assert e["sensitivity"]["n"] == int((y == 1).sum())
@@ -95,7 +95,7 @@ def test_perturbation_statistics_of_fgsm_by_hand(linear_result: EvaluationResult
     for e in linear_result.results["attacks"]["fgsm"]["per_eps"][1:]:
         eps = e["eps"]
         s = e["perturbation"]["successful"]
-        assert s["linf"]["n"] == e["success_rate"]["k"] > 0
+        assert s["linf"]["n"] == e["success_on_correct"]["k"] > 0
         assert s["linf"]["median"] == pytest.approx(eps, rel=1e-5)
         assert s["l2"]["median"] == pytest.approx(eps * 4, rel=1e-5)  # sqrt(16) * eps
         assert s["psnr"]["median"] == pytest.approx(-20 * math.log10(eps), abs=1e-3)
@@ -116,7 +116,7 @@ def test_clean_auc_is_the_pairwise_rank_statistic(linear_result: EvaluationResul
 def test_results_document(linear_result: EvaluationResult) -> None:
     doc = linear_result.results
     validate(doc)
-    assert doc["schema_version"] == 1 and doc["medrobust_version"] == mr.__version__
+    assert doc["schema_version"] == 2 and doc["medrobust_version"] == mr.__version__
     assert doc["seed"] == 0
     assert len(doc["model"]["state_dict_sha256"]) == 64
     assert len(doc["data"]["content_sha256"]) == 64
@@ -158,7 +158,8 @@ def _doc_for_checks(correct: dict[str, list[int]], clean_k: int = 90, n: int = 1
                 "raw_accuracy": {"k": k, "n": n}} for e, k in zip(eps, ks, strict=True)]
         big = None
         if large is not None:
-            big = {"eps": 1.0, "eps_label": "1", "success_rate": {"k": large[name], "n": clean_k}}
+            big = {"eps": 1.0, "eps_label": "1",
+                   "success_on_correct": {"k": large[name], "n": clean_k}}
         attacks[name] = {"kind": "fixed-budget", "single_step": name == "fgsm", "per_eps": per,
                          "large_eps": big}
     return {"clean": {"accuracy": {"k": clean_k, "n": n}}, "attacks": attacks}
@@ -217,7 +218,7 @@ def test_minimum_norm_attack_is_judged_against_each_budget(monkeypatch: pytest.M
         want = hand_robust(data, e["eps"])
         # within 0.1% of the boundary a sample may go either way
         assert abs(e["robust_accuracy"]["k"] - int(want.sum())) <= 1
-    assert block["large_eps"]["success_rate"]["value"] == 1.0
+    assert block["large_eps"]["success_on_correct"]["value"] == 1.0
     assert block["distance"]["n"] == res.results["clean"]["accuracy"]["k"]
     assert res.results["sanity"]["passed"]
 
@@ -232,7 +233,7 @@ def test_direction_pos2neg_attacks_only_the_positives(linear_result: EvaluationR
         assert e["n_attacked"] == int((y == 1).sum())
         assert e["sensitivity"]["k"] == int(want[y == 1].sum())
         assert e["specificity"]["k"] == int(clean_ok[y == 0].sum())  # negatives untouched
-        assert e["success_rate"]["n"] == int(clean_ok[y == 1].sum())
+        assert e["success_on_correct"]["n"] == int(clean_ok[y == 1].sum())
     assert res.results["config"]["direction"] == "pos2neg"
     assert res.results["config"]["positive_class"] == 1
     assert all(g["label"] == 1 for g in res.results["gallery"])

@@ -271,7 +271,10 @@ def train(
     if task == "segmentation" and example_generator is not None:
         raise ValueError("example_generator is supported for classification tasks only")
 
-    dev = resolve_device(device)
+    from medrobust import distributed
+
+    dctx = distributed.current()  # set when launched by torchrun (medrobust.distributed.init)
+    dev = dctx.device if dctx is not None else resolve_device(device)
     module.to(dev)
     was_training = module.training
     k = train_data.num_classes
@@ -284,7 +287,14 @@ def train(
         preprocess=preprocess,
         chunk_size=eval_batch_size,
     )
-    seg = _SegWrapper(wrapper) if task == "segmentation" else None
+    # Under torchrun the loss goes through DistributedDataParallel (gradients averaged across
+    # ranks); attacks and validation use the plain module (input-only gradients never touch DDP).
+    fit = wrapper
+    if dctx is not None:
+        fit = Classifier(distributed.wrap_ddp(module, dctx), bounds=train_data.bounds, mean=mean,
+                         std=std, num_classes=wrapper.num_classes, preprocess=preprocess,
+                         chunk_size=eval_batch_size)
+    seg = _SegWrapper(fit) if task == "segmentation" else None
     opt = _make_optimizer(optimizer, module.parameters(), float(lr), float(weight_decay),
                           float(momentum))
     sched: torch.optim.lr_scheduler.LRScheduler | None
@@ -300,7 +310,7 @@ def train(
 
     from tqdm.auto import tqdm
 
-    show = bool(progress) and sys.stderr.isatty()
+    show = bool(progress) and sys.stderr.isatty() and (dctx is None or dctx.is_main)
     order_gen = torch.Generator().manual_seed(int(seed))
     n = len(train_data)
     history: list[dict[str, Any]] = []
@@ -310,18 +320,19 @@ def train(
     best_state: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
     log = None
-    if log_path is not None:
+    if log_path is not None and (dctx is None or dctx.is_main):
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115
     devices = [dev.index or 0] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(int(seed) + (0 if dctx is None else 7919 * dctx.rank))
             for epoch in range(1, int(epochs) + 1):
                 t0 = time.perf_counter()
-                perm = torch.randperm(n, generator=order_gen)
-                starts = list(range(0, n, int(batch_size)))
-                if n > 1 and n - starts[-1] == 1:  # a batch of one breaks batch norm
+                perm = distributed.shard_permutation(torch.randperm(n, generator=order_gen), dctx)
+                n_here = int(perm.numel())
+                starts = list(range(0, n_here, int(batch_size)))
+                if n_here > 1 and n_here - starts[-1] == 1:  # a batch of one breaks batch norm
                     starts.pop()
                 total_loss, correct, seen = 0.0, 0, 0
                 bar = tqdm(starts, desc=f"epoch {epoch}/{epochs}", unit="batch",
@@ -343,11 +354,11 @@ def train(
                         pred_ok = (logits.argmax(1) == y).float().mean(
                             dim=tuple(range(1, y.dim())))
                     elif task == "multi-label":
-                        logits = wrapper.forward(x)
+                        logits = fit.forward(x)
                         loss = F.binary_cross_entropy_with_logits(logits, y.float())
                         pred_ok = ((logits > 0) == y.bool()).float().mean(1)
                     else:
-                        logits = wrapper.forward(x)
+                        logits = fit.forward(x)
                         loss = F.cross_entropy(logits, y)
                         pred_ok = (logits.argmax(1) == y).float()
                     if not torch.isfinite(loss):
@@ -365,6 +376,8 @@ def train(
                     if show:
                         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
                 bar.close()
+                total_loss, correct, seen = distributed.all_reduce_sums(  # type: ignore[assignment]
+                    dctx, total_loss, correct, seen)
                 record: dict[str, Any] = {
                     "epoch": epoch,
                     "lr": float(opt.param_groups[0]["lr"]),
@@ -391,7 +404,7 @@ def train(
                 if log is not None:
                     log.write(json.dumps(_finite_json(record)) + "\n")
                     log.flush()
-                if on_epoch_end is not None:
+                if on_epoch_end is not None and (dctx is None or dctx.is_main):
                     on_epoch_end(dict(record))
     finally:
         if log is not None:

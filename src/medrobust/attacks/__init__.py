@@ -20,7 +20,7 @@ from medrobust.attacks.base import (
 )
 from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, FGSM, MIFGSM, PGD, GradientAttack
-from medrobust.attacks.minimal import EAD, LBFGS, CarliniWagnerL2, DeepFool
+from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
 from medrobust.attacks.sparse import JSMA, OnePixel
 from medrobust.attacks.spatial import StAdv
 from medrobust.attacks.square import Square
@@ -36,6 +36,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "cw": CarliniWagnerL2,
     "ead": EAD,
     "lbfgs": LBFGS,
+    "ddn": DDN,
+    "fmn": FMN,
+    "alma": ALMA,
     "jsma": JSMA,
     "onepixel": OnePixel,
     "stadv": StAdv,
@@ -72,6 +75,7 @@ def get_attack(name: str, **kwargs: Any) -> Attack:
 
 
 __all__ = [
+    "ALMA",
     "APGD",
     "APGDT",
     "ATTACKS",
@@ -79,11 +83,13 @@ __all__ = [
     "AttackContext",
     "BIM",
     "CarliniWagnerL2",
+    "DDN",
     "DeepFool",
     "EAD",
     "FAB",
     "FABT",
     "FGSM",
+    "FMN",
     "FixedBudgetAttack",
     "GradientAttack",
     "LBFGS",

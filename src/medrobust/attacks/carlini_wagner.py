@@ -1,11 +1,16 @@
 """Carlini-Wagner L2 (Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks",
 IEEE S&P 2017).
 
-Minimize ``||x' - x||_2^2 + c * f(x')`` over ``x' = lo + (hi - lo) * (tanh(w) + 1) / 2`` (the
-change of variables keeps ``x'`` inside the model's bounds) with Adam, where
+Minimize ``||(x' - x) / (hi - lo)||_2^2 + c * f(x')`` over
+``x' = lo + (hi - lo) * (tanh(w) + 1) / 2`` (the change of variables keeps ``x'`` inside the
+model's bounds) with Adam, where
 ``f(x') = max(z_y - max_{j != y} z_j, -kappa)`` (untargeted) or
 ``max(max_{j != t} z_j - z_t, -kappa)`` (targeted), and a per-sample binary search over ``c``.
-This follows the authors' reference code (``nn_robust_attacks/l2_attack.py``) step by step.
+This follows the authors' reference code (``nn_robust_attacks/l2_attack.py``) step by step, with
+one change: the distance is measured in units of the bounds' span (on ``[0, 1]`` the same as the
+reference), so that ``initial_const`` and the learning rate (already in tanh space) mean the same
+at any bounds; without it a model in Hounsfield units (span 4095) needs a ``c`` 4095^2 times
+larger, which the binary search from 1e-3 does not reach.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class CarliniWagnerL2(MinimumNormAttack):
         x0, y, t = ctx.x, ctx.labels, ctx.target
         lo, hi = ctx.bounds
         half = (hi - lo) / 2
+        span = hi - lo  # distances in units of the span: the same attack at any bounds
         kappa = self.confidence
         logits0 = ctx.logits(x0)
         already = ctx.is_adversarial(logits0, ctx.all_index())
@@ -226,7 +232,7 @@ class CarliniWagnerL2(MinimumNormAttack):
 
                 pos = torch.arange(xa.shape[0], device=x0.device)
                 logits, closs, gx = ctx.value_and_grad(xa, pos, loss_fn)
-                delta = xa - xsa
+                delta = (xa - xsa) / span
                 l2sq = flat(delta).double().pow(2).sum(1)
                 ok = kappa_success(logits, ysa, tsa, kappa)
                 best.update(ga, xa, logits, l2sq.sqrt(), ok)
@@ -234,7 +240,7 @@ class CarliniWagnerL2(MinimumNormAttack):
                     found |= ok
                 else:
                     found[act] |= ok
-                g = (gx + 2 * delta) * (half * (1 - th * th))
+                g = (gx + 2 * delta / span) * (half * (1 - th * th))
                 if msa is not None:
                     g = g * msa
                 adam.step(w, g, act)

@@ -13,7 +13,10 @@ part is handled by the projected shrinkage-thresholding operator ``S_beta``:
 (ISTA), with Nesterov's momentum ``y_{k+1} = x_{k+1} + k / (k + 3) (x_{k+1} - x_k)`` for FISTA;
 the binary search over ``c`` is the one of Carlini & Wagner. The best adversarial example is
 chosen by the elastic-net loss ("EN") or by the L1 distance ("L1"). This follows the authors'
-reference code (``EAD/en_attack.py``).
+reference code (``EAD/en_attack.py``), with one change: the iterates live in the unit box
+``(x - lo) / (hi - lo)`` (:mod:`.unitbox`), so that the distances, ``beta``, the step size and
+``initial_const`` are in units of the bounds' span (on ``[0, 1]`` exactly the reference); without
+it a model in Hounsfield units (span 4095) needs constants millions of times larger.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from medrobust.attacks.carlini_wagner import (
     cw_margin,
     kappa_success,
 )
+from medrobust.attacks.unitbox import UnitBox
 from medrobust.norms import flat
 
 
@@ -105,7 +109,7 @@ class EAD(MinimumNormAttack):
 
     def run(self, ctx: AttackContext) -> RunOutput:
         x0, y, t = ctx.x, ctx.labels, ctx.target
-        lo, hi = ctx.bounds
+        box = UnitBox(ctx)  # iterates in [0, 1]: the same attack at any bounds
         kappa, beta = self.confidence, self.beta
         logits0 = ctx.logits(x0)
         already = ctx.is_adversarial(logits0, ctx.all_index())
@@ -122,7 +126,7 @@ class EAD(MinimumNormAttack):
             prev = torch.full((m,), float("inf"), dtype=torch.float64, device=x0.device)
             # the active set: rows of gidx still iterating, with their state
             pos = torch.arange(m, device=x0.device)
-            xs = x0[gidx]
+            xs = box.u0[gidx]
             xk, yk = xs.clone(), xs.clone()
             for it in range(self.steps):
                 ga = gidx[pos]
@@ -139,15 +143,15 @@ class EAD(MinimumNormAttack):
                     return ca[i] * cw_margin(logits, ya[i], tt).clamp_min(-kappa)
 
                 local = torch.arange(pos.numel(), device=x0.device)
-                ylog, _, gx = ctx.value_and_grad(yk, local, loss_fn)
+                ylog, _, gx = ctx.value_and_grad(box.to_model(yk, ga), local, loss_fn)
                 if not self.fista and it > 0:
                     # ISTA: y_k is x_k, so its logits decide success of the previous iterate
-                    self._record(best, ga, xk, xsa, ylog, ya, ta, found, pos)
-                g = gx + 2 * (yk - xsa)
+                    self._record(best, box, ga, xk, xsa, ylog, ya, ta, found, pos)
+                g = box.grad(gx) + 2 * (yk - xsa)
                 if msa is not None:
                     g = g * msa
                 lr = self.learning_rate * (1 - it / self.steps) ** 0.5
-                xnew = shrink(yk - lr * g, xsa, beta, lo, hi)
+                xnew = shrink(yk - lr * g, xsa, beta, 0.0, 1.0)
                 if self.fista:
                     yk = xnew + (it / (it + 3)) * (xnew - xk)
                 else:
@@ -156,8 +160,8 @@ class EAD(MinimumNormAttack):
                 last = it == self.steps - 1
                 check = self.abort_early and it % check_every == 0
                 if self.fista or last or check:
-                    xlog = ctx.logits(xk)
-                    self._record(best, ga, xk, xsa, xlog, ya, ta, found, pos)
+                    xlog = ctx.logits(box.to_model(xk, ga))
+                    self._record(best, box, ga, xk, xsa, xlog, ya, ta, found, pos)
                 if check:
                     d = flat(xk - xsa).double()
                     closs = (ca.double() * cw_margin(xlog, ya, ta).double().clamp_min(-kappa))
@@ -173,7 +177,8 @@ class EAD(MinimumNormAttack):
         return RunOutput(best.adv, best.logits,
                          extra={"const": search.const.cpu(), "upper": search.upper.cpu()})
 
-    def _record(self, best: _Best, ga: torch.Tensor, xk: torch.Tensor, xs: torch.Tensor,
+    def _record(self, best: _Best, box: UnitBox, ga: torch.Tensor, xk: torch.Tensor,
+                xs: torch.Tensor,
                 logits: torch.Tensor, ya: torch.Tensor, ta: torch.Tensor | None,
                 found: torch.Tensor, pos: torch.Tensor) -> None:
         ok = kappa_success(logits, ya, ta, self.confidence)
@@ -181,7 +186,7 @@ class EAD(MinimumNormAttack):
         d = flat(xk - xs).double()
         l1 = d.abs().sum(1)
         score = l1 if self.decision_rule == "L1" else d.pow(2).sum(1) + self.beta * l1
-        best.update(ga, xk, logits, score, ok)
+        best.update(ga, box.to_model(xk, ga), logits, score, ok)
 
 
 __all__ = ["EAD", "shrink"]

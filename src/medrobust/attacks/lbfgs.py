@@ -16,6 +16,10 @@ Batched: all samples of the batch are solved by one call of scipy's L-BFGS-B on 
 batch, whose objective is a sum of per-sample terms (each with its own ``c``), so the minimizer is
 each sample's minimizer. The box is given to L-BFGS-B per element; elements outside the mask get the
 degenerate box ``[x_i, x_i]``.
+
+Scale-free: the variables are those of the unit box ``(x - lo) / (hi - lo)`` (:mod:`.unitbox`), so
+``||r||`` is measured in units of the bounds' span and ``initial_const`` and the solver's
+tolerances mean the same on a model in Hounsfield units as on ``[0, 1]`` (where nothing changes).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from scipy.optimize import Bounds, minimize
 
 from medrobust.attacks.base import AttackContext, MinimumNormAttack, RunOutput
 from medrobust.attacks.carlini_wagner import _Best
+from medrobust.attacks.unitbox import UnitBox
 from medrobust.norms import flat
 
 
@@ -107,7 +112,7 @@ class LBFGS(MinimumNormAttack):
 
     def run(self, ctx: AttackContext) -> RunOutput:
         x0, y, t = ctx.x, ctx.labels, ctx.target
-        lo, hi = ctx.bounds
+        box = UnitBox(ctx)  # solve in [0, 1]: the same attack at any bounds
         logits0 = ctx.logits(x0)
         already = ctx.is_adversarial(logits0, ctx.all_index())
         best = _Best(ctx, logits0, already)
@@ -121,10 +126,10 @@ class LBFGS(MinimumNormAttack):
             if idx.numel() == 0:
                 break
             gidx = idx.to(dev)
-            xs = x0[gidx]
+            xs = box.u0[gidx]
             xs_np = flat(xs).double().cpu().numpy().ravel()
-            lo_np = np.full_like(xs_np, lo)
-            hi_np = np.full_like(xs_np, hi)
+            lo_np = np.zeros_like(xs_np)
+            hi_np = np.ones_like(xs_np)
             if ctx.mask is not None:
                 fixed = flat(ctx.mask[gidx]).cpu().numpy().ravel() == 0
                 lo_np[fixed] = xs_np[fixed]
@@ -142,14 +147,15 @@ class LBFGS(MinimumNormAttack):
                           ys: torch.Tensor = ys, ts: torch.Tensor | None = ts,
                           pos: torch.Tensor = pos, loss_fn: Any = loss_fn
                           ) -> tuple[float, np.ndarray]:
-                xa = torch.from_numpy(z).view(xs.shape).to(device=dev, dtype=x0.dtype)
+                ua = torch.from_numpy(z).view(xs.shape).to(device=dev, dtype=x0.dtype)
+                xa = box.to_model(ua, gidx)
                 logits, closs, gx = ctx.value_and_grad(xa, pos, loss_fn)
-                d = (xa - xs).double()
+                d = (ua - xs).double()
                 l2sq = flat(d).pow(2).sum(1)
                 ok = ctx.is_adversarial(logits, gidx)
                 best.update(gidx, xa, logits, l2sq.sqrt(), ok)
                 value = float((l2sq + closs.double()).sum())
-                grad = (gx.double() + 2 * d).cpu().numpy().ravel()
+                grad = (box.grad(gx).double() + 2 * d).cpu().numpy().ravel()
                 return value, grad
 
             with _one_blas_thread():
@@ -158,10 +164,11 @@ class LBFGS(MinimumNormAttack):
                                options={"maxcor": self.memory, "maxiter": self.steps,
                                         "ftol": 1e7 * np.finfo(float).eps, "gtol": 1e-8})
             z = sol.x
-            za = torch.from_numpy(z).view(xs.shape).to(device=dev, dtype=x0.dtype)
+            ua = torch.from_numpy(z).view(xs.shape).to(device=dev, dtype=x0.dtype)
+            za = box.to_model(ua, gidx)
             logits = ctx.logits(za)
             ok = ctx.is_adversarial(logits, gidx)
-            best.update(gidx, za, logits, flat(za - xs).double().norm(dim=1), ok)
+            best.update(gidx, za, logits, flat(ua - xs).double().norm(dim=1), ok)
             ok_c = ok.cpu()
             c = const[idx]
             up = torch.where(ok_c, torch.minimum(upper[idx], c), upper[idx])

@@ -3,7 +3,11 @@
 Example::
 
     medrobust evaluate --model runs/pneu-r18 --data pneumoniamnist --split test \\
-        --attacks fgsm,pgd --norm linf --eps 0,0.5/255,1/255,2/255,4/255,8/255
+        --attacks standard --norm linf --eps 0,0.5/255,1/255,2/255,4/255,8/255
+
+``--attacks standard`` (the default) runs the AutoAttack-style ensemble (APGD-CE, APGD-T, FAB-T,
+Square, each on the samples still robust); ``standard-rand`` and ``plus`` are its variants, and
+any registered attack names can be listed instead (``fgsm,pgd``).
 
 Budgets are in the model's input units as recorded in its folder (``model.json``): fractions such
 as ``8/255`` for [0, 1] images, plain numbers for Hounsfield units. Results go to ``--out``
@@ -38,8 +42,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="a data set name (pneumoniamnist, phantom, ...) or a file/folder")
     p.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
-    p.add_argument("--attacks", default="fgsm,pgd",
-                   help="comma-separated attack names (default: fgsm,pgd)")
+    p.add_argument("--attacks", default="standard",
+                   help="comma-separated attack names or ensembles (standard, standard-rand, "
+                        "plus) (default: standard)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2", "l1"],
                    help="the norm of the budgets (default: linf)")
     p.add_argument("--eps", default=DEFAULT_EPS,
@@ -104,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if not all(attacks):
         raise CLIError(f"malformed --attacks {args.attacks!r}: empty name")
     from medrobust.attacks import ATTACKS
+    from medrobust.evaluation.families import PRESETS
 
-    unknown = [a for a in attacks if a.lower().replace("-", "").replace("_", "") not in ATTACKS]
+    unknown = [a for a in attacks
+               if a.lower().replace("-", "").replace("_", "") not in {**ATTACKS, **PRESETS}]
     if unknown:
         raise CLIError(
-            f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(sorted(ATTACKS))}"
+            f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(sorted(ATTACKS))}; "
+            f"ensembles: standard, standard-rand, plus"
         )
 
     model_dir = Path(args.model).expanduser()
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except EvaluationError as err:
         raise CLIError(str(err)) from None
-    except PermissionError as err:
+    except OSError as err:  # a write outside the engine's own checks (disk full, permissions)
         raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
     run_info = result.results["run"]
     print(result.summary_table())

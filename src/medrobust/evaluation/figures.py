@@ -12,7 +12,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["display_image", "gallery_png", "robust_accuracy_png", "write_figures"]
+__all__ = ["display_image", "gallery_png", "render_figures", "robust_accuracy_png",
+           "write_figures"]
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -24,23 +25,54 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+_MARKERS = ["o", "^", "v", "D", "P", "X", "<", ">"]
+_DASHES = ["-", "--", "-.", ":"]
+
+
 def robust_accuracy_png(doc: dict[str, Any]) -> bytes:
-    """Robust accuracy (95% CI) versus eps for each attack and for the worst case."""
-    fig = Figure(figsize=(6.4, 4.0))
+    """Robust accuracy (95% CI) versus eps for each attack and for the worst case.
+
+    Every line stays visible: the worst case is drawn first, wide and pale, under the attacks;
+    each attack has its own marker and dash pattern and a small horizontal offset, so that an
+    attack equal to the worst case (or to another attack) shows on top of it instead of being
+    hidden. A minimum-norm attack also gets a labelled vertical line at the median distance to
+    the nearest adversarial example.
+    """
+    fig = Figure(figsize=(6.8, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     worst = doc["worst_case"]
-    x = np.arange(len(worst))
+    x = np.arange(len(worst), dtype=float)
     ticks = [str(w["eps_label"]) for w in worst]
     clean = doc["clean"]["accuracy"]["value"]
     ax.axhline(clean, color="0.5", ls="--", lw=1, label=f"clean ({clean:.3f})")
+    ys = np.array([np.nan if w["robust_accuracy"]["value"] is None
+                   else w["robust_accuracy"]["value"] for w in worst], dtype=float)
+    lo = np.array([np.nan if w["robust_accuracy"]["ci_low"] is None
+                   else w["robust_accuracy"]["ci_low"] for w in worst], dtype=float)
+    hi = np.array([np.nan if w["robust_accuracy"]["ci_high"] is None
+                   else w["robust_accuracy"]["ci_high"] for w in worst], dtype=float)
+    ax.fill_between(x, lo, hi, color="k", alpha=0.10, lw=0, label="worst case 95% CI")
+    ax.plot(x, ys, marker="s", ms=9, lw=5, color="k", alpha=0.35, zorder=1,
+            label="worst case")
+    names = list(doc["attacks"])
+    width = 0.12 if len(names) > 1 else 0.0
     for i, (name, a) in enumerate(doc["attacks"].items()):
-        ya = [e["robust_accuracy"]["value"] for e in a["per_eps"]]
-        ax.plot(x, ya, marker="o", ms=4, lw=1.4, color=_COLORS[i % len(_COLORS)], label=name)
-    ys = np.array([w["robust_accuracy"]["value"] for w in worst], dtype=float)
-    lo = np.array([w["robust_accuracy"]["ci_low"] for w in worst], dtype=float)
-    hi = np.array([w["robust_accuracy"]["ci_high"] for w in worst], dtype=float)
-    ax.fill_between(x, lo, hi, color="k", alpha=0.12, lw=0, label="worst case 95% CI")
-    ax.plot(x, ys, marker="s", ms=5, lw=2.2, color="k", label="worst case")
+        ya = [np.nan if e["robust_accuracy"]["value"] is None else e["robust_accuracy"]["value"]
+              for e in a["per_eps"]]
+        off = (i - (len(names) - 1) / 2) * width / max(1, len(names) - 1) if width else 0.0
+        ax.plot(x + off, ya, marker=_MARKERS[i % len(_MARKERS)], ms=5, lw=1.4,
+                ls=_DASHES[i % len(_DASHES)], color=_COLORS[i % len(_COLORS)], label=name,
+                zorder=3 + i)
+    eps_values = np.array([float(w["eps"]) for w in worst])
+    for i, (name, a) in enumerate(doc["attacks"].items()):
+        d = (a.get("distance") or {}).get("median")
+        if d is None or len(eps_values) < 2:
+            continue
+        beyond = d > eps_values[-1]
+        pos = float(np.interp(d, eps_values, x)) if not beyond else x[-1] + 0.3
+        ax.axvline(pos, color=_COLORS[i % len(_COLORS)], ls=":", lw=1.6, zorder=2,
+                   label=f"{name}: median distance to the nearest adversarial "
+                         f"{'> ' if beyond else ''}{d:.3g}")
     ax.set_xticks(x)
     ax.set_xticklabels(ticks, rotation=30 if len(ticks) > 5 else 0)
     units = doc["config"].get("units") or ""
@@ -48,7 +80,7 @@ def robust_accuracy_png(doc: dict[str, Any]) -> bytes:
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.set_title("Robust accuracy versus budget")
     return _png(fig)
 
@@ -123,16 +155,20 @@ def gallery_png(items: list[dict[str, Any]], units: str) -> bytes:
     return _png(fig)
 
 
-def write_figures(doc: dict[str, Any], gallery: list[dict[str, Any]], folder: Path
-                  ) -> dict[str, bytes]:
-    """Draw the figures, write them as PNG files into ``folder`` and return their bytes."""
-    figs = {
+def render_figures(doc: dict[str, Any], gallery: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The report's figures as PNG bytes, by file name (nothing written)."""
+    return {
         "robust_accuracy.png": robust_accuracy_png(doc),
         "gallery.png": gallery_png(gallery, str(doc["config"].get("units") or "")),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in figs.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / name)
+
+
+def write_figures(doc: dict[str, Any], gallery: list[dict[str, Any]], folder: Path
+                  ) -> dict[str, bytes]:
+    """Draw the figures, write them as PNG files into ``folder`` (all or nothing) and return
+    their bytes."""
+    from medrobust.evaluation.output import write_outputs
+
+    figs = render_figures(doc, gallery)
+    write_outputs(Path(folder), dict(figs))
     return figs

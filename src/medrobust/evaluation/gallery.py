@@ -17,13 +17,10 @@ import torch
 from medrobust.data.base import ImageData
 from medrobust.evaluation.aggregate import attack_vectors
 from medrobust.evaluation.budgets import Budget
-from medrobust.evaluation.engine import (
-    CLEAN_UNIT,
-    MIN_NORM_KEY,
-    AttackSpec,
-    _attack_index,
-    unit_seed,
-)
+from medrobust.evaluation.families import family_of
+from medrobust.evaluation.plan import CLEAN_UNIT, Unit
+from medrobust.evaluation.runner import RunSettings, attack_index, compute_unit
+from medrobust.evaluation.specs import AttackSpec
 from medrobust.models import Classifier
 
 __all__ = ["build_gallery", "choose_gallery"]
@@ -39,7 +36,7 @@ def choose_gallery(results: dict[str, Any], budgets: list[Budget], specs: list[A
         return None
     chosen_i, chosen = positive[-1]
     for i, b in positive:
-        sr = results["worst_case"][i]["success_rate"]["value"]
+        sr = results["worst_case"][i]["success_on_correct"]["value"]
         if sr is not None and sr >= 0.5:
             chosen_i, chosen = i, b
             break
@@ -65,9 +62,8 @@ def _top3(probs: torch.Tensor, names: list[str]) -> list[dict[str, Any]]:
 
 def build_gallery(
     clf: Classifier, data: ImageData, labels: torch.Tensor, specs: list[AttackSpec],
-    budgets: list[Budget], results: dict[str, Any], collected: dict[str, Any], norm: str,
-    unit_hash: str, seed: int, batch_size: int, direction: str | None, pos: int, count: int,
-    window: tuple[float, float],
+    budgets: list[Budget], results: dict[str, Any], collected: Any, settings: RunSettings,
+    batch_size: int, count: int, window: tuple[float, float],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Gallery items with images (for the figures) and without (for ``results.json``)."""
     if count <= 0:
@@ -96,7 +92,7 @@ def build_gallery(
         if len(picked) >= count:
             break
     names = list(data.class_names) or [str(i) for i in range(clean["probs"].shape[1])]
-    eps_key = MIN_NORM_KEY if spec.minimization else budget.key
+    eps_key = family_of(spec).unit_budget(spec, budget)
     stored = collected[f"{spec.key}|{eps_key}"]
     raw_pred = dict(zip(stored["idx"].tolist(), stored["pred"].tolist(), strict=True))
     items: list[dict[str, Any]] = []
@@ -105,10 +101,13 @@ def build_gallery(
         sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
         x = data.images[sl].to(clf.dtype)
         yb = labels[sl]
-        idx = _attack_index(yb, direction, pos)
-        atk = spec.build(None if spec.minimization else budget.value, norm,
-                         unit_seed(seed, spec.key, eps_key, b))
-        res = atk(clf, x[idx], yb[idx])
+        idx = attack_index(yb, settings.direction, settings.positive_class)
+        clean_b = {k: v[sl] for k, v in clean.items()}
+        unit = Unit(spec, eps_key, None if eps_key != budget.key else budget, b)
+        res = compute_unit(clf, unit, x, yb, clean_b, settings, float(clf.bounds[1] -
+                                                                      clf.bounds[0]),
+                           int(clean["probs"].shape[1]))
+        assert res.adversarial is not None
         local = {int(j) + sl.start: r for r, j in enumerate(idx.tolist())}
         want = [i for i in picked if sl.start <= i < sl.stop and i in local]
         if not want:

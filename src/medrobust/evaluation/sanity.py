@@ -18,6 +18,13 @@ The checks, for each fixed-budget attack:
   it attacked that the model got right, but ``tolerance`` at most. For a single-step attack a
   failure here is reported as a warning only (one gradient step from the clean point need not
   reach a far-away decision boundary even on an honest model); for an iterative attack it fails.
+  (An ensemble runs this check with its first, gradient-based component.)
+* ``gradient_free``: a gradient-free attack (Square) must not break more than ``tolerance``
+  samples that the gradient attacks all missed, at any budget: within an ensemble, the samples it
+  broke after the gradient components failed; among separate attacks, the samples only it fooled.
+  More is the classic sign of gradient masking (Athalye et al. 2018; Croce & Hein 2020).
+
+Ensembles (``kind == "ensemble"``) are checked like fixed-budget attacks.
 
 Tolerance: ``max(1, ceil(1% of the attacked samples))`` samples. The results at two budgets are
 paired — the same samples, the same model — so sampling noise does not enter the comparison, and
@@ -35,9 +42,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["run_checks", "tolerance_samples"]
+__all__ = ["INFO", "check", "run_checks", "tolerance_samples"]
 
-PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skipped"
+PASS, FAIL, WARN, SKIP, INFO = "pass", "fail", "warn", "skipped", "info"
 
 
 def tolerance_samples(n_attacked: int) -> int:
@@ -45,7 +52,7 @@ def tolerance_samples(n_attacked: int) -> int:
     return max(1, math.ceil(0.01 * n_attacked))
 
 
-def _check(cid: str, name: str, attack: str | None, status: str, detail: str,
+def check(cid: str, name: str, attack: str | None, status: str, detail: str,
            values: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": cid, "check": name, "attack": attack, "status": status, "detail": detail,
             "values": values or {}}
@@ -55,7 +62,7 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
     """The ``sanity`` block of ``results.json`` from its ``clean`` and ``attacks`` blocks."""
     clean = results["clean"]["accuracy"]
     attacks: dict[str, Any] = results["attacks"]
-    fixed = {n: a for n, a in attacks.items() if a["kind"] == "fixed-budget"}
+    fixed = {n: a for n, a in attacks.items() if a["kind"] in ("fixed-budget", "ensemble")}
     n_attacked = max([e["n_attacked"] for a in attacks.values() for e in a["per_eps"]] or [0])
     tol = tolerance_samples(n_attacked)
     checks: list[dict[str, Any]] = []
@@ -67,14 +74,14 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
         if zero:
             k0 = zero[0]["raw_accuracy"]["k"]
             ok = k0 == clean["k"]
-            checks.append(_check(
+            checks.append(check(
                 f"eps0:{name}", "eps0", name, PASS if ok else FAIL,
                 f"{name} at eps=0: {k0}/{clean['n']} correct vs {clean['k']}/{clean['n']} clean"
                 + ("" if ok else " — the model or the attack is not deterministic"),
                 {"attack_correct": k0, "clean_correct": clean["k"]},
             ))
         else:
-            checks.append(_check(f"eps0:{name}", "eps0", name, SKIP,
+            checks.append(check(f"eps0:{name}", "eps0", name, SKIP,
                                  "eps=0 is not among the budgets"))
         # accuracy never rises with eps
         rises = []
@@ -83,10 +90,10 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
             if d > tol:
                 rises.append(f"{prev['eps_label']} -> {cur['eps_label']}: +{d} samples")
         if len(per) < 2:
-            checks.append(_check(f"monotonic:{name}", "monotonic", name, SKIP,
+            checks.append(check(f"monotonic:{name}", "monotonic", name, SKIP,
                                  "needs two budgets or more"))
         else:
-            checks.append(_check(
+            checks.append(check(
                 f"monotonic:{name}", "monotonic", name, FAIL if rises else PASS,
                 (f"{name}: accuracy rises with eps ({'; '.join(rises)}; tolerance {tol})"
                  if rises else f"{name}: accuracy does not rise with eps (tolerance {tol})"),
@@ -97,7 +104,7 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
     singles = [n for n, a in fixed.items() if a["single_step"]]
     iteratives = [n for n, a in fixed.items() if not a["single_step"]]
     if not singles or not iteratives:
-        checks.append(_check("iterative", "iterative", None, SKIP,
+        checks.append(check("iterative", "iterative", None, SKIP,
                              "needs a single-step (fgsm) and an iterative attack"))
     for it in iteratives:
         for si in singles:
@@ -108,7 +115,7 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
                 d = e_it["raw_accuracy"]["k"] - e_si["raw_accuracy"]["k"]
                 if d > tol:
                     worse.append(f"eps {e_it['eps_label']}: {it} leaves {d} more correct")
-            checks.append(_check(
+            checks.append(check(
                 f"iterative:{it}>{si}", "iterative", it, FAIL if worse else PASS,
                 (f"{it} is weaker than {si} ({'; '.join(worse)}; tolerance {tol})" if worse
                  else f"{it} is at least as strong as {si} at every eps (tolerance {tol})"),
@@ -118,14 +125,14 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
         big = a.get("large_eps")
         if big is None:
             if a["kind"] == "fixed-budget":
-                checks.append(_check(f"large_eps:{name}", "large_eps", name, SKIP,
+                checks.append(check(f"large_eps:{name}", "large_eps", name, SKIP,
                                      "not run (large_eps=False)"))
             continue
-        sr = big["success_rate"]
+        sr = big.get("success_on_correct") or big["success_rate"]
         missed = sr["n"] - sr["k"]
         ok = missed <= tol
         status = PASS if ok else (WARN if a["single_step"] else FAIL)
-        checks.append(_check(
+        checks.append(check(
             f"large_eps:{name}", "large_eps", name, status,
             f"{name} at eps={big['eps_label']}: success {sr['k']}/{sr['n']}"
             + ("" if ok else f" — {missed} correct sample(s) survive an unbounded attack"
@@ -133,11 +140,61 @@ def run_checks(results: dict[str, Any]) -> dict[str, Any]:
             {"eps": big["eps"], "fooled": sr["k"], "n": sr["n"]},
         ))
 
+    checks.extend(_gradient_free_checks(results, tol))
+
     failed = [c["id"] for c in checks if c["status"] == FAIL]
+    warned = [c["id"] for c in checks if c["status"] == WARN]
     return {
         "passed": not failed,
         "failed": failed,
+        "warnings": warned,
         "tolerance_samples": tol,
         "gradient_masking_suspected": bool(failed),
         "checks": checks,
     }
+
+
+def _gradient_free_checks(results: dict[str, Any], tol: int) -> list[dict[str, Any]]:
+    """Square (or another gradient-free attack) succeeding where the gradient attacks failed."""
+    out: list[dict[str, Any]] = []
+    attacks: dict[str, Any] = results["attacks"]
+    for name, a in attacks.items():
+        comps = a.get("components") or []
+        free = [c["attack"] for c in comps if c.get("gradient_free")]
+        grad = [c["attack"] for c in comps if not c.get("gradient_free")]
+        if a.get("kind") != "ensemble" or not free or not grad:
+            continue
+        found = []
+        values = {}
+        for e in a["per_eps"]:
+            k = sum(int((e.get("broken_by") or {}).get(f, 0)) for f in free)
+            values[e["eps_label"]] = k
+            if k > tol:
+                found.append(f"eps {e['eps_label']}: {k}")
+        out.append(check(
+            f"gradient_free:{name}", "gradient_free", name, FAIL if found else PASS,
+            (f"{', '.join(free)} broke samples that {', '.join(grad)} all missed "
+             f"({'; '.join(found)}; tolerance {tol}) — a sign of gradient masking"
+             if found else f"{', '.join(free)} broke no more than {tol} sample(s) that the "
+             f"gradient attacks missed"),
+            {"broken_by_gradient_free": values},
+        ))
+    free_sep = [n for n, a in attacks.items() if a.get("gradient_free")
+                and a.get("kind") == "fixed-budget"]
+    grad_sep = [n for n, a in attacks.items() if not a.get("gradient_free")
+                and a.get("kind") in ("fixed-budget", "ensemble")]
+    for name in free_sep:
+        if not grad_sep:
+            continue
+        found = []
+        for w in results.get("worst_case", []):
+            k = int((w.get("fooled_only_by") or {}).get(name, 0))
+            if k > tol:
+                found.append(f"eps {w['eps_label']}: {k}")
+        out.append(check(
+            f"gradient_free:{name}", "gradient_free", name, FAIL if found else PASS,
+            (f"{name} fooled samples no gradient attack ({', '.join(grad_sep)}) fooled "
+             f"({'; '.join(found)}; tolerance {tol}) — a sign of gradient masking" if found
+             else f"{name} fooled no more than {tol} sample(s) the gradient attacks missed"),
+        ))
+    return out
