@@ -135,6 +135,19 @@ def test_affine_oracle(norm: str) -> None:
     assert (above.perturbation_norms[norm] <= dist * slack * (1 + 1e-5) + 1e-6).all()
 
 
+def test_early_stop_and_eot_options() -> None:
+    model, x, y, margin, w = affine_problem(n=16, seed=3)
+    eps = margin / w.abs().sum() * 1.02
+    fast = APGD(eps, steps=20, seed=0)(model, x, y)
+    full = APGD(eps, steps=20, early_stop=False, seed=0)(model, x, y)
+    assert fast.success.all() and full.success.all()
+    assert fast.backward_passes < full.backward_passes  # fooled samples left the loop
+    # on a deterministic model EOT averages identical gradients: same points, k times the cost
+    eot = APGD(eps, steps=20, eot_iter=3, seed=0)(model, x, y)
+    assert torch.equal(eot.adversarial, fast.adversarial)
+    assert eot.backward_passes == 3 * fast.backward_passes
+
+
 def test_large_eps_schedule_l1_meets_the_oracle() -> None:
     model, x, y, margin, w = affine_problem(n=16, seed=4)
     dist = margin / w.abs().max()

@@ -74,21 +74,21 @@ def test_eta_pattern_matches_the_reference(s: int) -> None:
 
 def test_reduces_accuracy_within_the_query_budget(pneumonia_model) -> None:
     m = pneumonia_model
-    x, y = m.x[:64], m.y[:64]
-    n_queries = 300
+    x, y = m.x[:48], m.y[:48]
+    n_queries = 200
     res = Square(8 / 255, n_queries=n_queries, seed=0)(m.model, x, y)
     clean_wrong = m.model.predict(x) != y
-    assert res.robust_accuracy < m.clean_accuracy - 0.25
+    assert res.robust_accuracy < m.clean_accuracy - 0.2
     q = res.extra["queries"]
-    assert q.shape == (64,) and q.dtype == torch.long
+    assert q.shape == (48,) and q.dtype == torch.long
     assert (q <= n_queries + 1).all()  # the budget, plus the clean check
     assert (q[clean_wrong] == 1).all()  # already misclassified: no search
     fooled = res.success & ~clean_wrong
     assert fooled.any() and (q[fooled] < n_queries + 1).all()  # early exit per sample
     assert res.backward_passes == 0
-    assert int(q.sum()) <= res.forward_passes <= int(q.sum()) + 64
+    assert int(q.sum()) <= res.forward_passes <= int(q.sum()) + 48
     assert (res.perturbation_norms["linf"] <= 8 / 255 + 1e-6).all()
-    ce = Square(8 / 255, n_queries=n_queries, loss="ce", seed=0)(m.model, x, y)
+    ce = Square(8 / 255, n_queries=n_queries, loss="ce", seed=0)(m.model, x[:24], y[:24])
     assert ce.robust_accuracy < m.clean_accuracy - 0.2
 
 

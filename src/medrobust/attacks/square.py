@@ -201,6 +201,7 @@ class Square(FixedBudgetAttack):
         logits, loss, ok = evaluate(x_best, all_rows)
         queries = torch.ones(xs.shape[0], dtype=torch.long, device=xs.device)
         grids = [torch.arange(s, device=xs.device) for s in spatial]
+        etas: dict[int, torch.Tensor] = {}  # the L2 patterns by side, in every orientation
         for it in range(self.n_queries - 1):
             live = ~ok if allowance is None else ~ok & (queries < allowance)
             rows = live.nonzero().flatten()
@@ -219,7 +220,8 @@ class Square(FixedBudgetAttack):
                 signs = self._signs((m, c) + (1,) * rank, ctx)
                 x_new = torch.where(allowed != 0, ctx.clip(xc + e[rows] * signs), xb)
             else:
-                x_new = self._l2_step(ctx, xc, xb, e[rows], win, local, side, grids, mask, rows)
+                x_new = self._l2_step(ctx, xc, xb, e[rows], win, local, side, grids, mask, rows,
+                                      etas)
             lg, new_loss, new_ok = evaluate(x_new, rows)
             queries[rows] += 1
             improved = (new_loss < loss[rows]) | new_ok
@@ -251,10 +253,12 @@ class Square(FixedBudgetAttack):
         return win, local
 
     def _eta_at(self, ctx: AttackContext, m: int, side: int, rank: int,
-                local: list[torch.Tensor]) -> torch.Tensor:
+                local: list[torch.Tensor], cache: dict[int, torch.Tensor]) -> torch.Tensor:
         """The pattern ``eta`` (random orientation per sample) placed at each sample's square."""
-        etas = torch.stack([eta_pattern(side, rank, a, ctx.x.device, ctx.x.dtype)
-                            for a in range(rank)])
+        if side not in cache:
+            cache[side] = torch.stack([eta_pattern(side, rank, a, ctx.x.device, ctx.x.dtype)
+                                       for a in range(rank)])
+        etas = cache[side]
         axis = torch.randint(0, rank, (m,), generator=ctx.generator).to(ctx.x.device)
         idx = [axis.view([m, 1] + [1] * rank)] + [r.clamp(0, side - 1) for r in local]
         return etas[tuple(idx)]
@@ -294,8 +298,8 @@ class Square(FixedBudgetAttack):
 
     def _l2_step(self, ctx: AttackContext, xc: torch.Tensor, xb: torch.Tensor, e: torch.Tensor,
                  win1: torch.Tensor, local: list[torch.Tensor], side: int,
-                 grids: list[torch.Tensor], mask: torch.Tensor | None, rows: torch.Tensor
-                 ) -> torch.Tensor:
+                 grids: list[torch.Tensor], mask: torch.Tensor | None, rows: torch.Tensor,
+                 etas: dict[int, torch.Tensor]) -> torch.Tensor:
         """Algorithm 3's update: move the mass of a second square into the first one."""
         m, c = xc.shape[0], xc.shape[1]
         rank = xc.dim() - 2
@@ -306,7 +310,7 @@ class Square(FixedBudgetAttack):
         norm_w1 = (delta * win1).pow(2).sum(sp, keepdim=True).sqrt()
         norm_img = batch_view(flat(delta).norm(dim=1), delta)
         norm_union = (delta * union).pow(2).sum(sp, keepdim=True).sqrt()
-        eta = self._eta_at(ctx, m, side, rank, local) * win1  # (m, 1, *spatial)
+        eta = self._eta_at(ctx, m, side, rank, local, etas) * win1  # (m, 1, *spatial)
         new = eta * self._signs((m, c) + (1,) * rank, ctx) + delta * win1 / (1e-12 + norm_w1)
         if mask is not None:
             new = new * mask[rows]
