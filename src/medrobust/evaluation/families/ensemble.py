@@ -266,10 +266,10 @@ def build_ensemble_spec(
         for k, v in d.kwargs.items():
             if k == "loss" and accepts(cls, k):
                 v = _resolve_loss(str(v), num_classes, notes, d.label)
-            if accepts(cls, k):
-                kw[k] = v
-            elif k == "eot" and accepts(cls, "eot_iter"):
+            if k == "eot" and accepts(cls, "eot_iter"):  # AutoAttack's rand version: eot_iter
                 kw["eot_iter"] = v
+            elif accepts(cls, k):
+                kw[k] = v
             elif k == "eot":
                 notes.append(f"{d.label}: {cls.__name__} takes no EOT argument; run without "
                              f"Expectation over Transformation (eot={v} asked) — a randomized "
