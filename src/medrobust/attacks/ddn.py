@@ -56,6 +56,16 @@ def check_positive(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
 
 
+def clean_start(ctx: AttackContext) -> tuple[UnitBox, _Best, torch.Tensor]:
+    """What the unit-box minimum-norm attacks (DDN, FMN) start from: the unit box, the per-sample
+    best store seeded with the clean pass (a sample already adversarial is found at distance 0),
+    and the indices of the samples still to attack."""
+    box = UnitBox(ctx)
+    logits0 = ctx.logits(ctx.x)
+    already = ctx.is_adversarial(logits0, ctx.all_index())
+    return box, _Best(ctx, logits0, already), (~already).nonzero().flatten()
+
+
 class DDN(MinimumNormAttack):
     """Decoupled Direction and Norm L2 attack (Rony et al., CVPR 2019), targeted and untargeted.
 
@@ -113,11 +123,7 @@ class DDN(MinimumNormAttack):
         return {"steps": 20}
 
     def run(self, ctx: AttackContext) -> RunOutput:
-        box = UnitBox(ctx)
-        logits0 = ctx.logits(ctx.x)
-        already = ctx.is_adversarial(logits0, ctx.all_index())
-        best = _Best(ctx, logits0, already)
-        idx = (~already).nonzero().flatten()
+        box, best, idx = clean_start(ctx)
         if idx.numel() == 0:
             return RunOutput(best.adv, best.logits)
         u0 = box.u0[idx]

@@ -32,9 +32,12 @@ from typing import Any
 import torch
 
 from medrobust.attacks.base import AttackContext, MinimumNormAttack, RunOutput
-from medrobust.attacks.carlini_wagner import _Best
-from medrobust.attacks.ddn import check_positive, check_positive_int, cosine_anneal
-from medrobust.attacks.unitbox import UnitBox
+from medrobust.attacks.ddn import (
+    check_positive,
+    check_positive_int,
+    clean_start,
+    cosine_anneal,
+)
 from medrobust.norms import Norm, batch_view, flat, project_l1_ball
 
 _TINY = 1e-12
@@ -169,11 +172,7 @@ class FMN(MinimumNormAttack):
 
     def run(self, ctx: AttackContext) -> RunOutput:
         p = self.norm.name
-        box = UnitBox(ctx)
-        logits0 = ctx.logits(ctx.x)
-        already = ctx.is_adversarial(logits0, ctx.all_index())
-        best = _Best(ctx, logits0, already)
-        idx = (~already).nonzero().flatten()
+        box, best, idx = clean_start(ctx)
         if idx.numel() == 0:
             return RunOutput(best.adv, best.logits)
         u0 = box.u0[idx]
