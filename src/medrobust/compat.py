@@ -215,6 +215,8 @@ def check_evaluation(model: Any, data: Any) -> None:
     import os
     from pathlib import Path
 
+    from medrobust.data.streamed import value_range as _value_range
+
     meta: Any = getattr(model, "metadata", None)
     if isinstance(model, (str, os.PathLike)):
         try:
@@ -229,7 +231,7 @@ def check_evaluation(model: Any, data: Any) -> None:
         channels=int(images.shape[1]),
         spatial_shape=tuple(int(s) for s in images.shape[2:]),
         units=getattr(data, "units", None),
-        value_range=(float(images.min()), float(images.max())),
+        value_range=_value_range(images),
         class_names=list(getattr(data, "class_names", None) or []) or None,
         where="the data",
     )

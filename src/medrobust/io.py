@@ -47,6 +47,7 @@ import torch
 
 from medrobust._files import apply_umask
 from medrobust.data.errors import DataError
+from medrobust.data.streamed import materialize
 
 __all__ = [
     "FORMATS",
@@ -370,7 +371,7 @@ def _read_dicom(p: Path) -> ImageFile:
     rescale = meta.get("rescale") or [(1.0, 0.0)]
     lo_s, hi_s = meta.get("stored_range", (-math.inf, math.inf))
     _, _, dtype = _stored_range(datasets[0])
-    x = data.images
+    x = materialize(data.images)
     frames = int(datasets[0].get("NumberOfFrames", 1) or 1)
     if len(rescale) > 1:  # one (slope, intercept) per slice of a series: (1, 1, D, 1, 1)
         view = (1, 1, len(rescale)) + (1,) * (x.dim() - 3)
@@ -407,7 +408,7 @@ def _read_nifti(p: Path, units: str | None) -> ImageFile:
     else:
         # float on disk: write_nifti stores the values as they are (no scaling)
         grid = Grid(float_dtype=np.dtype(on_disk.name), description=f"NIfTI {on_disk.name}")
-    x = data.images
+    x = materialize(data.images)
     shape = tuple(int(s) for s in meta["header"].get_data_shape())
     desc = f"NIfTI {on_disk.name}, {'x'.join(str(s) for s in shape)}"
     return ImageFile(

@@ -31,6 +31,7 @@ def _phantom_dims(name: str) -> int | None:
 def run_detection(args: argparse.Namespace) -> int:
     import torch
 
+    from medrobust.data.streamed import materialize
     from medrobust.detection_training import (
         detection_phantoms,
         evaluate_detector,
@@ -60,12 +61,12 @@ def run_detection(args: argparse.Namespace) -> int:
               f"{rec['time_s']:.1f} s", flush=True)
 
     try:
-        res = train_detector(tr.images, trb, epochs=args.epochs, batch_size=batch, lr=args.lr,
-                             seed=args.seed, on_epoch_end=show)
+        res = train_detector(materialize(tr.images), trb, epochs=args.epochs, batch_size=batch,
+                             lr=args.lr, seed=args.seed, on_epoch_end=show)
     except (ValueError, FloatingPointError) as err:
         raise CLIError(str(err)) from None
-    val = evaluate_detector(res.detector, va.images, vab)
-    test = evaluate_detector(res.detector, te.images, teb)
+    val = evaluate_detector(res.detector, materialize(va.images), vab)
+    test = evaluate_detector(res.detector, materialize(te.images), teb)
     print(f"sensitivity at 1 FP/volume: val {val['sensitivity']:.3f}, test "
           f"{test['sensitivity']:.3f} (score >= {test['threshold']:.3f})", flush=True)
     try:

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from medrobust.data.streamed import ImageSource, IndexedSource
+
 TASKS = ("binary", "multi-class", "multi-label", "ordinal", "segmentation")
 
 
@@ -20,7 +22,10 @@ class ImageData:
     """Images (or volumes) with their targets and metadata.
 
     Attributes:
-        images: float32 tensor, (N, C, *spatial): (N, C, H, W) images or (N, C, D, H, W) volumes.
+        images: float32 tensor, (N, C, *spatial): (N, C, H, W) images or (N, C, D, H, W) volumes;
+            or, for data too large to hold, an :class:`~medrobust.data.streamed.ImageSource`
+            with the same shape and indexing that reads or generates rows on demand
+            (``images[a:b]`` is then a tensor of those rows only).
         labels: int64 targets. Classification: (N,) class indices. Multi-label: (N, L) of 0/1.
             Segmentation: (N, *spatial) integer masks.
         bounds: (lo, hi) the range the values live in, in ``units`` (e.g. (0, 1) or HU).
@@ -32,7 +37,7 @@ class ImageData:
         meta: anything else a writer needs (DICOM dataset, NIfTI affine/header, split, checksum).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageSource
     labels: torch.Tensor
     bounds: tuple[float, float]
     units: str
@@ -58,6 +63,11 @@ class ImageData:
         return int(self.images.shape[0])
 
     @property
+    def streamed(self) -> bool:
+        """Whether the images are read on demand (:mod:`medrobust.data.streamed`)."""
+        return isinstance(self.images, ImageSource)
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -70,9 +80,12 @@ class ImageData:
         return tuple(int(s) for s in self.images.shape[2:])
 
     def subset(self, index: torch.Tensor | slice | list[int]) -> ImageData:
-        """The same data restricted to ``index`` (metadata shared)."""
+        """The same data restricted to ``index`` (metadata shared; a streamed source stays
+        streamed)."""
+        images = (IndexedSource(self.images, index) if isinstance(self.images, ImageSource)
+                  else self.images[index])
         return ImageData(
-            images=self.images[index],
+            images=images,
             labels=self.labels[index],
             bounds=self.bounds,
             units=self.units,

@@ -18,6 +18,7 @@ import torch
 
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
+from medrobust.data.streamed import FileSource
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_folder", "load_image_folder"]
 
@@ -90,6 +91,7 @@ def load_image_folder(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     limit: int | None = None,
     class_names: Sequence[str] | None = None,
+    stream: bool = False,
 ) -> ImageData:
     """Load ``root/<class>/*.png`` (or ``root/<split>/<class>/...``) into one ImageData.
 
@@ -102,6 +104,10 @@ def load_image_folder(
         limit: keep only the first ``limit`` images (in class, then file-name order).
         class_names: the classes (subfolder names), in label order; default all subfolders,
             sorted.
+        stream: read each batch's files when the batch is used
+            (:class:`~medrobust.data.streamed.FileSource`) instead of every file now; the rows
+            equal those of ``stream=False``; every image must then have the first one's size
+            (or pass ``size``). Pass ``mode`` too to skip opening every file's header.
 
     Returns:
         ImageData (N, 1 or 3, H, W) float32 in [0, 1], labels int64 (N,), ``units="intensity"``,
@@ -138,6 +144,18 @@ def load_image_folder(
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' or 'RGB'; got {mode!r}")
     hw = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
+    meta = {"format": "image-folder", "paths": [str(f) for f, _ in files], "split": split}
+    if stream:
+        chosen = mode
+
+        def read(f: Path) -> torch.Tensor:
+            return torch.from_numpy(_read(f, chosen, hw).astype(np.float32))  # type: ignore[arg-type]
+
+        src = FileSource([f for f, _ in files], read, known_range=(0.0, 1.0), error=DataError)
+        return ImageData(images=src, labels=labels, bounds=(0.0, 1.0), units="intensity",
+                         task="binary" if len(names) == 2 else "multi-class", class_names=names,
+                         spacing=None, source=str(base), meta={**meta, "stream": True})
     arrays = [_read(f, mode, hw) for f, _ in files]  # type: ignore[arg-type]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
@@ -148,7 +166,6 @@ def load_image_folder(
             f"{first[1:]} of {files[0][0]}; pass size= to resize"
         )
     images = torch.from_numpy(np.stack(arrays).astype(np.float32))
-    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
     return ImageData(
         images=images,
         labels=labels,
@@ -158,5 +175,5 @@ def load_image_folder(
         class_names=names,
         spacing=None,
         source=str(base),
-        meta={"format": "image-folder", "paths": [str(f) for f, _ in files], "split": split},
+        meta=meta,
     )

@@ -40,6 +40,7 @@ import torch
 from medrobust._files import apply_umask
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
+from medrobust.data.streamed import ArraySource
 
 __all__ = [
     "MEDMNIST_INFO",
@@ -538,6 +539,48 @@ def _to_labels(arr: np.ndarray, path: Path, task: str, n_classes: int) -> torch.
     return lab
 
 
+def _stream_threshold() -> int:
+    raw = os.environ.get("MEDROBUST_STREAM_BYTES", "")
+    try:
+        return int(float(raw)) if raw else 1 << 30
+    except ValueError:
+        raise DataError(f"MEDROBUST_STREAM_BYTES must be a number of bytes; got {raw!r}") from None
+
+
+def _split_bytes(zf: zipfile.ZipFile, member: str, rows: np.ndarray | None) -> int:
+    """The float32 bytes of a split's images (from the member's header: nothing decompressed
+    beyond it)."""
+    with zf.open(member) as f:
+        shape, _, _ = _read_npy_header(f)
+    n = int(shape[0]) if rows is None else int(rows.size)
+    return 4 * n * int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _stream_images(p: Path, member: str, info: MedMNISTInfo | None, limit: int | None,
+                   cache_dir: str | os.PathLike[str] | None) -> tuple[ArraySource, int]:
+    """The images of a split as a memory-mapped source (extracted into the cache first)."""
+    from medrobust.data.extract import extracted_member
+
+    sha = file_sha256(p)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    npy = extracted_member(p, member, sha, folder)
+    try:
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{npy}: cannot map the extracted array ({e})") from e
+    if arr.dtype.hasobject or arr.ndim == 0:
+        raise DataError(f"{p}: {member} is not an array of samples")
+    n_total = int(arr.shape[0])
+    if limit is not None:
+        arr = arr[: max(0, int(limit))]
+
+    def convert(a: np.ndarray) -> torch.Tensor:
+        return _to_images(a, p, info)
+
+    fp = hashlib.sha256(f"npz|{sha}|{member}|{len(arr)}".encode()).hexdigest()
+    return ArraySource(arr, convert, fp, known_range=(0.0, 1.0)), n_total
+
+
 def load_npz(
     path: str | os.PathLike[str],
     split: str = "test",
@@ -547,6 +590,8 @@ def load_npz(
     indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
     class_names: Sequence[str] | None = None,
     task: str | None = None,
+    stream: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImageData:
     """Load one split of a MedMNIST-format ``.npz`` (``{split}_images``, ``{split}_labels``).
 
@@ -559,6 +604,13 @@ def load_npz(
         class_names, task: for files that are not a MedMNIST subset (default: classes
             ``"0"``..``"K-1"`` from the largest label, task ``"binary"`` for two classes,
             else ``"multi-class"``).
+        stream: read the images on demand: the split's images are extracted once, uncompressed,
+            into the cache (:func:`medrobust.data.extract.extracted_member`) and memory-mapped;
+            ``images`` is then an :class:`~medrobust.data.streamed.ArraySource` whose batches
+            equal the tensor ``stream=False`` gives. Default (``None``): stream when the split's
+            images take more than ``$MEDROBUST_STREAM_BYTES`` (default 1 GiB) as float32 and no
+            ``indices`` are given.
+        cache_dir: where streamed splits are extracted (default :func:`default_cache_dir`).
 
     Returns:
         ImageData with images float32 in [0, 1] ((N,1,H,W), (N,3,H,W) or (N,1,D,H,W)), labels
@@ -603,8 +655,17 @@ def load_npz(
                 with zf.open(lab_key + ".npy") as f:
                     n_lab = _read_npy_header(f)[0][0]
                 rows = rows[rows < n_lab]
-            imgs, n_img = _read_rows(zf, img_key + ".npy", rows)
-            labs, n_lab = _read_rows(zf, lab_key + ".npy", rows)
+            if stream is None:
+                stream = indices is None and _split_bytes(zf, img_key + ".npy", rows) > \
+                    _stream_threshold()
+            if stream:
+                if indices is not None:
+                    raise DataError(f"{p}: stream=True reads contiguous rows; load a subset "
+                                    "given by indices with stream=False")
+                labs, n_lab = _read_rows(zf, lab_key + ".npy", rows)
+            else:
+                imgs, n_img = _read_rows(zf, img_key + ".npy", rows)
+                labs, n_lab = _read_rows(zf, lab_key + ".npy", rows)
     except DataError:
         raise
     except IndexError as e:
@@ -614,6 +675,8 @@ def load_npz(
         raise DataError(f"{p}: corrupt or truncated npz ({msg})") from e
     except Exception as e:  # zlib.error and other decoder failures
         raise DataError(f"{p}: corrupt or truncated npz ({type(e).__name__}: {e})") from e
+    if stream:
+        images_src, n_img = _stream_images(p, img_key + ".npy", info, limit, cache_dir)
     if n_img != n_lab:
         raise DataError(f"{p}: {n_img} {split} images but {n_lab} labels")
 
@@ -630,7 +693,7 @@ def load_npz(
             k = int(labs.max()) + 1 if labs.size else 2
             names_ = [str(i) for i in range(max(k, 2))]
         task_ = task_ or ("binary" if len(names_) == 2 else "multi-class")
-    images = _to_images(imgs, p, info)
+    images: torch.Tensor | ArraySource = images_src if stream else _to_images(imgs, p, info)
     labels = _to_labels(labs, p, task_, len(names_))
     if indices is not None and rows is not None:
         # back to the order asked for (duplicates allowed)
@@ -650,6 +713,7 @@ def load_npz(
         "n_total": int(n_img),
         "indices": sel,
         "limit": limit,
+        "stream": bool(stream),
     }
     if info is not None:
         meta["license"] = info.license
@@ -678,6 +742,7 @@ def load_medmnist(
     base_url: str | None = None,
     limit: int | None = None,
     indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    stream: bool | None = None,
 ) -> ImageData:
     """Load a MedMNIST subset by name (``"pneumoniamnist"``, ``"adrenalmnist3d_64"``) or path.
 
@@ -690,13 +755,16 @@ def load_medmnist(
         download: download the file when it is found nowhere (MD5-checked).
         base_url: another server than Zenodo (also ``$MEDROBUST_MEDMNIST_URL``).
         limit, indices: load only part of the split (see :func:`load_npz`).
+        stream: memory-map the split from an uncompressed copy in the cache instead of loading
+            it (see :func:`load_npz`; default: only for splits over 1 GiB as float32).
 
     Raises:
         DataError: unknown name, file absent with ``download=False``, failed download, bad file.
     """
     s = os.fspath(name)
     if s.lower().endswith(".npz") and (os.sep in s or "/" in s or Path(s).exists()):
-        return load_npz(s, split, limit=limit, indices=indices)
+        return load_npz(s, split, limit=limit, indices=indices, stream=stream,
+                        cache_dir=cache_dir)
     flag, sz = parse_medmnist_name(s, size)
     path = find_medmnist(flag, sz, root=root, cache_dir=cache_dir)
     if path is None:
@@ -715,6 +783,7 @@ def load_medmnist(
             raise DataError(
                 f"{fname}: not found in {', '.join(where)}, and {err}; {how}"
             ) from err
-    data = load_npz(path, split, info=MEDMNIST_INFO[flag], limit=limit, indices=indices)
+    data = load_npz(path, split, info=MEDMNIST_INFO[flag], limit=limit, indices=indices,
+                    stream=stream, cache_dir=cache_dir)
     data.meta["size"] = sz
     return data

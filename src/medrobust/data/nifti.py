@@ -38,6 +38,7 @@ import torch
 from medrobust._files import apply_umask
 from medrobust.data.base import ImageData
 from medrobust.data.errors import DataError
+from medrobust.data.streamed import materialize
 
 __all__ = [
     "fit_shape",
@@ -438,7 +439,7 @@ def load_msd(
     imgs, labs, offsets = [], [], []
     for c in cases:
         if normalize != "none":
-            v = c.images
+            v = materialize(c.images)
             if normalize == "percentile":
                 lo, hi = torch.quantile(v.flatten().double(), torch.tensor([0.005, 0.995],
                                                                            dtype=torch.float64))
@@ -446,7 +447,8 @@ def load_msd(
                 lo, hi = v.min().double(), v.max().double()
             scale = float(hi - lo) if float(hi - lo) > 0 else 1.0
             c.images = ((v.double() - float(lo)) / scale).clamp(0, 1).to(torch.float32)
-        im, off = fit_shape(c.images, target, value=float(c.images.min()))
+        vol = materialize(c.images)
+        im, off = fit_shape(vol, target, value=float(vol.min()))
         lb, _ = fit_shape(c.labels, target, value=0)
         imgs.append(im)
         labs.append(lb)

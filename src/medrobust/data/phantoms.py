@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from medrobust.data.base import ImageData
+from medrobust.data.streamed import ImageSource
 
-__all__ = ["CT_BOUNDS", "make_phantoms", "phantom_from_name", "write_phantom_series"]
+__all__ = ["CT_BOUNDS", "PhantomSource", "make_phantoms", "phantom_from_name",
+           "write_phantom_series"]
 
 CT_BOUNDS = (-1024.0, 3071.0)
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -185,6 +187,7 @@ def make_phantoms(
     texture: float = 15.0,
     n_organs: int = 3,
     window: tuple[float, float] = (40.0, 400.0),
+    stream: bool = False,
 ) -> ImageData:
     """Generate ``n`` phantoms (see the module docstring).
 
@@ -205,6 +208,11 @@ def make_phantoms(
         texture: amplitude of the smooth tissue texture in HU.
         n_organs: organ-like ellipses per phantom.
         window: (centre, width) in HU for ``units="intensity"``.
+        stream: generate nothing now: ``images`` is a :class:`PhantomSource` that generates a
+            batch when it is read (each block of 64 indices from its own seed), so 100 000
+            phantoms cost no memory until read and each rank of a distributed run generates only
+            its own batches. The labels are those of ``stream=False``; the images are another
+            draw (the eager generator runs through all samples in order). Classification only.
 
     Returns:
         ImageData: float32 images, int64 labels, ``spacing`` 1 mm per axis (nominal),
@@ -234,12 +242,23 @@ def make_phantoms(
         raise ValueError(f"lesion_polarity must be bright/dark/random; got {lesion_polarity!r}")
     if split is not None and split not in _SPLIT_OFFSET:
         raise ValueError(f"split must be train/val/test or None; got {split!r}")
-    stream = seed if split is None else seed * 1009 + 7919 * (1 + _SPLIT_OFFSET[split])
-    g = torch.Generator().manual_seed(int(stream))
+    stream_seed = seed if split is None else seed * 1009 + 7919 * (1 + _SPLIT_OFFSET[split])
+    g = torch.Generator().manual_seed(int(stream_seed))
 
     n_pos = int(round(n * lesion_fraction))
     has = torch.zeros(n, dtype=torch.bool)
     has[torch.randperm(n, generator=g)[:n_pos]] = True
+    params = {
+        "seed": seed, "split": split, "dim": dim, "size": spatial, "units": units,
+        "lesion_fraction": lesion_fraction, "lesion_contrast": lesion_contrast,
+        "lesion_radius": tuple(lesion_radius), "lesion_polarity": lesion_polarity,
+        "noise": noise, "texture": texture, "n_organs": n_organs, "window": tuple(window),
+    }
+    if stream:
+        if task == "segmentation":
+            raise ValueError("stream=True generates classification phantoms (segmentation labels "
+                             "are whole masks); use stream=False for task='segmentation'")
+        return _streamed(int(stream_seed), has, spatial, params)
     coords = _axes(spatial)
     hus, masks = [], []
     # Generation is many small elementwise ops: on a busy machine intra-op threads mostly wait
@@ -266,12 +285,6 @@ def make_phantoms(
         c, w = window
         images, bounds = ((hu - (c - w / 2.0)) / w).clamp(0.0, 1.0), (0.0, 1.0)
     images = images.unsqueeze(1).to(torch.float32).contiguous()
-    params = {
-        "seed": seed, "split": split, "dim": dim, "size": spatial, "units": units,
-        "lesion_fraction": lesion_fraction, "lesion_contrast": lesion_contrast,
-        "lesion_radius": tuple(lesion_radius), "lesion_polarity": lesion_polarity,
-        "noise": noise, "texture": texture, "n_organs": n_organs, "window": tuple(window),
-    }
     meta: dict[str, object] = {"format": "phantom", "dataset": f"phantom{dim}d", **params}
     if task == "segmentation":
         labels = mask.to(torch.int64)
@@ -295,13 +308,121 @@ def make_phantoms(
     )
 
 
+# --------------------------------------------------------------------------- streamed
+_BLOCK = 64  # phantoms per generator of a streamed source
+
+
+def _block_seed(stream_seed: int, block: int) -> int:
+    import hashlib
+
+    h = hashlib.sha256(f"phantom-block|{int(stream_seed)}|{int(block)}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+class PhantomSource(ImageSource):
+    """Phantoms generated when read: block ``b`` (indices ``64 b .. 64 b + 63``) is drawn from
+    its own generator, seeded by a hash of the stream's seed and ``b``, so any batch is generated
+    on its own (the last two blocks are kept). Made by ``make_phantoms(..., stream=True)``."""
+
+    def __init__(self, stream_seed: int, has_lesion: torch.Tensor, spatial: tuple[int, ...],
+                 params: dict[str, Any]) -> None:
+        super().__init__((int(has_lesion.numel()), 1, *spatial))
+        self.stream_seed = int(stream_seed)
+        self.has_lesion = has_lesion
+        self.spatial = spatial
+        self.params = dict(params)
+        self._coords = _axes(spatial)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 1, *S) float32 in the source's units and lesion masks (B, *S) of block b."""
+        if b in self._cache:
+            return self._cache[b]
+        p = self.params
+        g = torch.Generator().manual_seed(_block_seed(self.stream_seed, b))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see make_phantoms
+        try:
+            hu, mask = _chunk(
+                g, self.has_lesion[b * _BLOCK:(b + 1) * _BLOCK], self.spatial, self._coords,
+                float(p["lesion_contrast"]),
+                (float(p["lesion_radius"][0]), float(p["lesion_radius"][1])),
+                p["lesion_polarity"], float(p["noise"]), float(p["texture"]),
+                int(p["n_organs"]),
+            )
+        finally:
+            torch.set_num_threads(threads)
+        if p["units"] != "HU":
+            c, w = p["window"]
+            hu = ((hu - (c - w / 2.0)) / w).clamp(0.0, 1.0)
+        out = (hu.unsqueeze(1).to(torch.float32).contiguous(), mask)
+        if len(self._cache) >= 2:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[b] = out
+        return out
+
+    def _span(self, start: int, stop: int, which: int) -> torch.Tensor:
+        parts = []
+        for b in range(start // _BLOCK, (max(start, stop - 1)) // _BLOCK + 1):
+            t = self.block(b)[which]
+            lo = max(start - b * _BLOCK, 0)
+            hi = min(stop - b * _BLOCK, t.shape[0])
+            parts.append(t[lo:hi])
+        return torch.cat(parts) if parts else torch.empty((0, *self.shape[1:]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if stop <= start:
+            return torch.empty((0, *self.shape[1:]), dtype=torch.float32)
+        return self._span(start, stop, 0).clone()
+
+    def masks(self, start: int, stop: int) -> torch.Tensor:
+        """The lesion masks (bool, (stop - start, *spatial)) of rows ``start:stop``."""
+        if stop <= start:
+            return torch.zeros((0, *self.spatial), dtype=torch.bool)
+        return self._span(start, stop, 1).clone()
+
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        desc = {"kind": "medrobust-phantom-stream-1", "n": len(self),
+                "stream_seed": self.stream_seed, **self.params}
+        text = json.dumps(desc, sort_keys=True, default=str)
+        h = hashlib.sha256(text.encode())
+        h.update(self.has_lesion.numpy().tobytes())
+        return h.hexdigest()
+
+    def known_range(self) -> tuple[float, float]:
+        return CT_BOUNDS if self.params["units"] == "HU" else (0.0, 1.0)
+
+
+def _streamed(stream_seed: int, has: torch.Tensor, spatial: tuple[int, ...],
+              params: dict[str, Any]) -> ImageData:
+    dim = len(spatial)
+    src = PhantomSource(stream_seed, has, spatial, params)
+    desc = ", ".join(f"{k}={v}" for k, v in params.items())
+    return ImageData(
+        images=src,
+        labels=has.to(torch.int64),
+        bounds=src.known_range(),
+        units=str(params["units"]),
+        task="binary",
+        class_names=["normal", "lesion"],
+        spacing=(1.0,) * dim,
+        source=f"medrobust phantoms, streamed ({desc})",
+        meta={"format": "phantom", "dataset": f"phantom{dim}d", "stream": True, **params},
+    )
+
+
 _SPLIT_N = {"train": 1024, "val": 256, "test": 256}
 
 
 def phantom_from_name(name: str, split: str = "test", **kw: object) -> ImageData:
     """Phantoms by name: ``phantom`` (2D, [0, 1]), ``phantom3d``, ``phantom-ct`` (HU),
     ``phantom3d-ct``, ``phantom-seg`` / ``phantom3d-seg`` (segmentation); tokens combine
-    (``phantom3d-ct-seg``). Defaults: 2D 64 px, 3D 32 voxels; n = 1024 train, 256 val/test.
+    (``phantom3d-ct-seg``); ``n<count>`` sets the number of samples (``phantom-16-n100000``) and
+    ``stream`` generates them only when read (``make_phantoms(stream=True)``).
+    Defaults: 2D 64 px, 3D 32 voxels; n = 1024 train, 256 val/test.
     Keyword arguments go to :func:`make_phantoms` and win over the name.
     """
     tokens = name.strip().lower().replace("_", "-").split("-")
@@ -320,10 +441,15 @@ def phantom_from_name(name: str, split: str = "test", **kw: object) -> ImageData
             opts["dim"] = 2
         elif t.isdigit():
             opts["size"] = int(t)
+        elif t.startswith("n") and t[1:].isdigit():
+            opts["n"] = int(t[1:])
+        elif t in ("stream", "streamed"):
+            opts["stream"] = True
         else:
-            raise ValueError(f"{name!r}: unknown phantom option {t!r} (ct, seg, 3d, <size>)")
+            raise ValueError(f"{name!r}: unknown phantom option {t!r} (ct, seg, 3d, <size>, "
+                             "n<count>, stream)")
     opts.setdefault("size", 32 if opts["dim"] == 3 else 64)
-    opts["n"] = _SPLIT_N.get(split, 256)
+    opts.setdefault("n", _SPLIT_N.get(split, 256))
     opts["split"] = split
     opts.update(kw)
     return make_phantoms(**opts)  # type: ignore[arg-type]
@@ -374,6 +500,7 @@ def write_phantom_series(
         1, size, dim=3, seed=seed, units="HU", task="segmentation",
         lesion_fraction=1.0 if lesion else 0.0, lesion_radius=lesion_radius, **kw,
     )
+    assert isinstance(data.images, torch.Tensor)  # generated whole (one volume)
     hu = torch.round(data.images[0, 0]).clamp(-1024, 3071)
     data.images[0, 0] = hu
     stored = (hu + 1024).to(torch.int32).numpy().astype(np.uint16)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from medrobust.data.base import ImageData
+from medrobust.data.streamed import value_range
 from medrobust.evaluation.errors import EvaluationError
 from medrobust.evaluation.util import file_sha256, state_dict_sha256
 from medrobust.models import Classifier
@@ -169,7 +170,7 @@ def check_model_data(info: ModelInfo, data: ImageData) -> int:
             f"the data's range [{data.bounds[0]:g}, {data.bounds[1]:g}] {data.units} is not "
             f"inside the model's bounds [{lo:g}, {hi:g}]"
         )
-    xmin, xmax = float(data.images.min()), float(data.images.max())
+    xmin, xmax = value_range(data.images)  # chunk by chunk, or known to a streamed source
     if not (math.isfinite(xmin) and math.isfinite(xmax)):
         raise EvaluationError("the images contain NaN or Inf values")
     if xmin < lo or xmax > hi:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medrobust.data.streamed import ImageSource
+
 __all__ = [
     "accepts",
     "file_sha256",
@@ -47,13 +49,22 @@ def state_dict_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    """sha256 over tensors' dtypes, shapes and bytes (the content fingerprint of a data set)."""
+def tensor_sha256(*tensors: torch.Tensor | ImageSource) -> str:
+    """sha256 over tensors' dtypes, shapes and bytes (the content fingerprint of a data set),
+    hashed chunk by chunk (no copy of the whole tensor). A streamed
+    :class:`~medrobust.data.streamed.ImageSource` enters with its shape and
+    :meth:`~medrobust.data.streamed.ImageSource.fingerprint` (its rows are not read)."""
     h = hashlib.sha256()
     for t in tensors:
+        if isinstance(t, ImageSource):
+            h.update(f"source|{t.dtype}|{tuple(t.shape)}|{t.fingerprint()}|".encode())
+            continue
         tt = t.detach().to("cpu").contiguous()
         h.update(f"{tt.dtype}|{tuple(tt.shape)}|".encode())
-        h.update(tt.reshape(-1).view(torch.uint8).numpy().tobytes() if tt.numel() else b"")
+        flat = tt.reshape(-1)
+        step = max(1, (16 << 20) // max(1, tt.element_size()))
+        for start in range(0, flat.numel(), step):
+            h.update(flat[start:start + step].view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
