@@ -10,6 +10,14 @@ gets wrong are not counted as fooled). The hold-one-out ensemble table (their Ta
 
 All models must take inputs in the same bounds and units (a budget means the same thing for all):
 models that differ are refused with an error naming them.
+
+The work is a list of jobs, one per (row, batch): the clean pass of every model on a batch, the
+examples crafted on proxy ``i`` (or on the ensemble holding out ``j``) for a batch and every
+target's predictions on them. Under ``torchrun`` (:mod:`medrobust.distributed`) the jobs are dealt
+round-robin to the ranks; rank 0 gathers the predictions, computes the matrix, and every rank
+returns it. An attack draws from a fresh generator seeded by ``seed`` at each call, so a job gives
+the same predictions whichever rank runs it: the matrix equals a single process's. Only one batch
+of images is held at a time, so streamed data (:mod:`medrobust.data.streamed`) stays streamed.
 """
 
 from __future__ import annotations
@@ -172,20 +180,13 @@ def _make_attack(spec: AttackSpec, eps: float, norm: str, seed: int,
                     f"{type(spec).__name__}")
 
 
-def _craft(attack: Attack, model: Any, x: torch.Tensor, y: torch.Tensor,
-           batch_size: int) -> torch.Tensor:
-    parts = [attack(model, x[i:i + batch_size], y[i:i + batch_size]).adversarial
-             for i in range(0, len(x), batch_size)]
-    return torch.cat(parts)
-
-
 def _norm_name(attack: Attack, default: str) -> str:
     norm = getattr(attack, "norm", None)
     name = getattr(norm, "name", None)
     return str(name) if name is not None else default
 
 
-def _data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(data: Any) -> tuple[Any, torch.Tensor]:
     if hasattr(data, "images") and hasattr(data, "labels"):
         return data.images, data.labels
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -220,51 +221,127 @@ def transfer(
         seed: the attacks' seed.
         batch_size: samples per attack call.
     """
+    from medrobust import distributed
+    from medrobust.data.streamed import ImageSource
+
     names, clfs, units = _unpack_models(models)
     x, y = _data(data)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"data has {x.shape[0]} inputs but {y.shape[0]} labels")
-    for c in clfs:
-        c.check_inputs(x, "data inputs")
+    streamed = isinstance(x, ImageSource)
+    if not streamed:
+        for c in clfs:
+            c.check_inputs(x, "data inputs")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     y = y.long()
     k = len(clfs)
-    preds_clean = [c.predict(x) for c in clfs]
-    correct = [p == y for p in preds_clean]
     atk = _make_attack(attack, eps, norm, seed, attack_kwargs or {})
+    n = int(x.shape[0])
+    batches = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    held_out = list(range(k)) if ensemble and k >= 3 else []
+    # one job per (row, batch): "clean" (every model), "proxy" i, "ensemble" holding out j
+    jobs = [("clean", -1, b) for b in range(len(batches))]
+    jobs += [("proxy", i, b) for i in range(k) for b in range(len(batches))]
+    jobs += [("ensemble", j, b) for j in held_out for b in range(len(batches))]
 
-    def row(adv: torch.Tensor, targets: Sequence[int]) -> tuple[list[float], list[float]]:
-        acc, suc = [], []
-        for j in targets:
-            p = clfs[j].predict(adv)
-            acc.append(float((p == y).float().mean()))
-            ok = correct[j]
-            suc.append(float((p[ok] != y[ok]).float().mean()) if ok.any() else float("nan"))
+    ensembles: dict[int, Ensemble] = {}
+
+    def proxy(kind: str, i: int) -> Any:
+        if kind == "proxy":
+            return clfs[i]
+        if i not in ensembles:
+            others = [clfs[m] for m in range(k) if m != i]
+            u = [units[m] for m in range(k) if m != i]
+            ensembles[i] = Ensemble(others, combine=combine,
+                                    units=None if any(v is None for v in u) else u)  # type: ignore[arg-type]
+        return ensembles[i]
+
+    def run(job: tuple[str, int, int]) -> torch.Tensor:
+        """The predictions (targets, batch) of one job."""
+        kind, i, b = job
+        lo, hi = batches[b]
+        xb, yb = x[lo:hi], y[lo:hi]
+        if kind == "clean":
+            if streamed:
+                for c in clfs:
+                    c.check_inputs(xb, f"data inputs {lo}-{hi - 1}")
+            return torch.stack([c.predict(xb).cpu() for c in clfs])
+        adv = atk(proxy(kind, i), xb, yb).adversarial
+        targets = range(k) if kind == "proxy" else [i]
+        return torch.stack([clfs[j].predict(adv).cpu() for j in targets])
+
+    ctx = distributed.current()
+    if ctx is None:
+        preds = {job: run(job) for job in jobs}
+    else:
+        preds = _run_distributed(ctx, jobs, run, {
+            "names": names, "eps": float(getattr(atk, "eps", eps)), "norm": norm, "n": n,
+            "attack": atk.config(), "seed": seed, "batch_size": batch_size,
+            "ensemble": held_out, "combine": combine,
+        })
+
+    def full(kind: str, i: int, row: int) -> torch.Tensor:
+        return torch.cat([preds[(kind, i, b)][row] for b in range(len(batches))])
+
+    correct = [full("clean", -1, j) == y for j in range(k)]
+
+    def scores(p: torch.Tensor, j: int) -> tuple[float, float]:
+        ok = correct[j]
+        acc = float((p == y).float().mean())
+        suc = float((p[ok] != y[ok]).float().mean()) if ok.any() else float("nan")
         return acc, suc
 
     accuracy, success = [], []
     for i in range(k):
-        adv = _craft(atk, clfs[i], x, y, batch_size)
-        a, s = row(adv, range(k))
-        accuracy.append(a)
-        success.append(s)
+        pairs = [scores(full("proxy", i, j), j) for j in range(k)]
+        accuracy.append([a for a, _ in pairs])
+        success.append([s for _, s in pairs])
     ens_acc: list[float] | None = None
     ens_suc: list[float] | None = None
-    if ensemble and k >= 3:
-        ens_acc, ens_suc = [], []
-        for j in range(k):
-            others = [clfs[i] for i in range(k) if i != j]
-            u = [units[i] for i in range(k) if i != j]
-            model = Ensemble(others, combine=combine,
-                             units=None if any(v is None for v in u) else u)  # type: ignore[arg-type]
-            adv = _craft(atk, model, x, y, batch_size)
-            a, s = row(adv, [j])
-            ens_acc.append(a[0])
-            ens_suc.append(s[0])
+    if held_out:
+        pairs = [scores(full("ensemble", j, 0), j) for j in held_out]
+        ens_acc = [a for a, _ in pairs]
+        ens_suc = [s for _, s in pairs]
+    extra: dict[str, Any] = {}
+    if ctx is not None:
+        extra["world_size"] = ctx.world_size
     return TransferResult(
         names=names, eps=float(getattr(atk, "eps", eps)), norm=_norm_name(atk, norm),
-        attack=atk.config(), n=int(x.shape[0]),
+        attack=atk.config(), n=n,
         clean_accuracy=[float(c.float().mean()) for c in correct],
         correct=[int(c.sum()) for c in correct],
         accuracy=accuracy, success=success,
-        ensemble_accuracy=ens_acc, ensemble_success=ens_suc, combine=combine,
+        ensemble_accuracy=ens_acc, ensemble_success=ens_suc, combine=combine, extra=extra,
     )
+
+
+def _run_distributed(ctx: Any, jobs: list[tuple[str, int, int]],
+                     run: Callable[[tuple[str, int, int]], torch.Tensor],
+                     args: dict[str, Any]) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Every rank runs its round-robin share of ``jobs``; every rank gets all predictions
+    (gathered on rank 0, then broadcast). One rank's error stops every rank with its message."""
+    from medrobust import distributed
+
+    distributed.check_same(ctx, args, "transfer arguments (models, data, attack, eps, seed)")
+    distributed.check_enough_work(len(jobs), ctx.world_size, "transfer jobs")
+    mine = jobs[ctx.rank::ctx.world_size]
+    out: dict[tuple[str, int, int], torch.Tensor] = {}
+    failure = ""
+    try:
+        for job in mine:
+            out[job] = run(job)
+    except (RuntimeError, ValueError, TypeError) as err:
+        failure = f"{type(err).__name__}: {err}".splitlines()[0]
+    errors = distributed.all_ranks_ok(ctx, not failure, failure)
+    if errors:
+        raise ValueError("transfer failed: " + "; ".join(errors))
+    gathered = distributed.gather_to_main(ctx, out)
+    merged: dict[tuple[str, int, int], torch.Tensor] | None = None
+    if gathered is not None:
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+    result = distributed.broadcast(ctx, merged)
+    assert isinstance(result, dict) and len(result) == len(jobs)
+    return result

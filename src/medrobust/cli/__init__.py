@@ -57,7 +57,7 @@ def cli_wording(message: str) -> str:
     return message
 
 
-DISTRIBUTED_COMMANDS = ("evaluate", "train")
+DISTRIBUTED_COMMANDS = ("evaluate", "train", "transfer")
 """Subcommands that split their work across the ranks of a torchrun launch."""
 
 

@@ -8,6 +8,10 @@ Writes ``T/results.json`` (the matrix of each target's accuracy and transfer suc
 examples crafted on each proxy, the hold-one-out ensemble table) and ``T/report.html`` (one
 self-contained page with the heatmaps). Models with different bounds or units are refused. An
 existing output folder's files are replaced only with ``--overwrite``.
+
+Under ``torchrun --nproc-per-node N -m medrobust transfer ...`` the (row, batch) jobs of the
+matrix are dealt to the ranks (:func:`medrobust.transfer.transfer`); rank 0 writes the results,
+which equal a single process's.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="samples attacked at once")
     p.add_argument("--out", required=True, help="output folder (results.json, report.html)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
+    p.add_argument("--device", default=None,
+                   help="torch device for the models (default: CPU; under torchrun each rank's "
+                        "own device)")
     return p  # type: ignore[no-any-return]
 
 
@@ -90,11 +97,16 @@ def run(args: argparse.Namespace) -> int:
     targets = [out / "results.json", out / "report.html"]
     if any(t.exists() for t in targets) and not args.overwrite:
         raise CLIError(f"{out} already holds results; pass --overwrite to replace them")
+    from medrobust import distributed
+
+    dctx = distributed.current()  # under torchrun: the jobs are dealt to the ranks
+    main_rank = dctx is None or dctx.is_main
+    device = args.device if args.device is not None or dctx is None else str(dctx.device)
 
     models: dict[str, Any] = {}
     for folder in folders:
         try:
-            loaded = load_model(folder)
+            loaded = load_model(folder, device=device)
         except ModelError as err:
             raise CLIError(str(err)) from None
         if loaded.classifier is None:
@@ -107,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    print(f"transfer: {args.attack} at eps={eps:g} ({args.norm}) between {len(models)} models on "
-          f"{len(data)} samples", file=sys.stderr)
+    if main_rank:
+        ranks = "" if dctx is None else f" on {dctx.world_size} ranks"
+        print(f"transfer: {args.attack} at eps={eps:g} ({args.norm}) between {len(models)} models "
+              f"on {len(data)} samples{ranks}", file=sys.stderr)
     data_units = getattr(data, "units", None)
     for name, m in models.items():
         if data_units is not None and m.units != data_units:
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size)
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
+    if not main_rank:
+        return 0  # rank 0 writes and prints
     doc = result.to_dict()
     doc["data"] = f"{args.data} ({args.split})"
     doc["models"] = {n: str(Path(f)) for n, f in zip(models, folders, strict=True)}
