@@ -4,7 +4,8 @@ read it back from the resumable store), batch by batch, and collect the per-samp
 Reproducibility: each unit's attack seed is derived from the run's seed, the attack, the budget
 and the batch (:func:`~medrobust.evaluation.util.unit_seed`), so a run that was killed and resumed
 computes exactly the numbers an uninterrupted run computes. Memory: only the current batch's images
-and small per-sample vectors are held; images are never stored.
+and small per-sample vectors are held; images are never stored, and a batch whose units are all
+stored is not read at all (streamed data: :mod:`medrobust.data.streamed`).
 
 A unit that raises (a model that fails on some batch) stops the run with one
 :class:`~medrobust.evaluation.errors.EvaluationError` naming the model, the batch and the unit;
@@ -140,10 +141,8 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
     try:
         for b in (range(nb) if batches is None else batches):
             sl = plan.slice(b)
-            x = data.images[sl]
+            x: torch.Tensor | None = None  # read only when a unit of this batch is computed
             y = labels[sl]
-            if x.dtype != clf.dtype:
-                x = x.to(clf.dtype)
             clean: dict[str, np.ndarray] | None = None
             if clean_all is not None:
                 clean = {k: v[sl] for k, v in clean_all.items()}
@@ -153,6 +152,10 @@ def run_plan(clf: Classifier, data: ImageData, labels: torch.Tensor, plan: Plan,
                 rec = store.get(settings.unit_hash, unit.name, unit.eps_key, b) \
                     if settings.resume else None
                 if rec is None:
+                    if x is None:
+                        x = data.images[sl]
+                        if x.dtype != clf.dtype:
+                            x = x.to(clf.dtype)
                     try:
                         if unit.spec is None:
                             rec = clean_record(clf, x)
