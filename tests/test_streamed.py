@@ -255,3 +255,28 @@ def test_file_fingerprint_follows_the_files(tmp_path):
     np.save(files[2], np.full((1, 2, 2), 7, dtype=np.float32))
     os.utime(files[2], ns=(1, 1))
     assert FileSource(files, read).fingerprint() != fp
+
+
+def test_transfer_of_streamed_data_equals_the_data_in_memory():
+    import medrobust as mr
+    from medrobust.nets import build_network
+
+    models = {}
+    for s in range(3):
+        with torch.random.fork_rng():
+            torch.manual_seed(s)
+            models[f"m{s}"] = mr.Classifier(
+                build_network("smallcnn", in_channels=1, num_classes=2, width=2).eval())
+    data = make_phantoms(n=40, size=16, seed=7, stream=True)
+    x = materialize(data.images)
+    kw = dict(attack="pgd", eps=8 / 255, attack_kwargs={"steps": 2}, batch_size=16)
+    lazy = mr.transfer(models, data, **kw)
+    held = mr.transfer(models, (x, data.labels), **kw)
+    assert lazy.to_dict() == held.to_dict()
+    assert lazy.n == 40 and lazy.ensemble_success is not None
+    # a streamed source is checked batch by batch like a tensor: out-of-bounds values are named
+    bad = make_phantoms(n=40, size=16, seed=7, stream=True)
+    bad.images = ArraySource(np.full((40, 1, 16, 16), 2.0, dtype=np.float32), torch.from_numpy,
+                             "twos")
+    with pytest.raises(ValueError, match="bounds"):
+        mr.transfer(models, bad, **kw)

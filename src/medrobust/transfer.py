@@ -275,7 +275,11 @@ def transfer(
     if ctx is None:
         preds = {job: run(job) for job in jobs}
     else:
+        from medrobust.evaluation.util import state_dict_sha256, tensor_sha256
+
         preds = _run_distributed(ctx, jobs, run, {
+            "data": tensor_sha256(x, y),  # a fingerprint for streamed data: no pass over it
+            "weights": [state_dict_sha256(c.module) for c in clfs],
             "names": names, "eps": float(getattr(atk, "eps", eps)), "norm": norm, "n": n,
             "attack": atk.config(), "seed": seed, "batch_size": batch_size,
             "ensemble": held_out, "combine": combine,
