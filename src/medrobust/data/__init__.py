@@ -1,7 +1,9 @@
 """Medical data in: MedMNIST, DICOM, NIfTI, image folders and built-in phantoms.
 
 Every source returns an :class:`ImageData`; :func:`load_dataset` picks the source from a name or
-a path. Bad input raises :class:`DataError` (a ``ValueError``) naming the file and the problem.
+a path. Large data are streamed: ``ImageData.images`` is then an :class:`ImageSource` read batch
+by batch (:mod:`medrobust.data.streamed`). Bad input raises :class:`DataError` (a
+``ValueError``) naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -32,13 +34,28 @@ from medrobust.data.medmnist import (
     load_npz,
 )
 from medrobust.data.nifti import fit_shape, iter_msd, load_msd, load_nifti, write_nifti
-from medrobust.data.phantoms import make_phantoms, phantom_from_name
+from medrobust.data.phantoms import PhantomSource, make_phantoms, phantom_from_name
+from medrobust.data.streamed import (
+    ArraySource,
+    FileSource,
+    ImageSource,
+    IndexedSource,
+    is_streamed,
+    iter_chunks,
+    materialize,
+    value_range,
+)
 
 __all__ = [
+    "ArraySource",
     "CT_HU_RANGE",
     "DataError",
+    "FileSource",
     "ImageData",
+    "ImageSource",
+    "IndexedSource",
     "MEDMNIST_INFO",
+    "PhantomSource",
     "TASKS",
     "WINDOW_PRESETS",
     "Window",
@@ -47,6 +64,8 @@ __all__ = [
     "download_medmnist",
     "fit_shape",
     "get_window",
+    "is_streamed",
+    "iter_chunks",
     "iter_msd",
     "load_dataset",
     "load_dicom",
@@ -56,6 +75,8 @@ __all__ = [
     "load_nifti",
     "load_npz",
     "make_phantoms",
+    "materialize",
+    "value_range",
     "write_dicom",
     "write_nifti",
 ]
