@@ -58,7 +58,8 @@ def test_a_source_indexes_like_the_tensor_it_stands_for():
     src = Counting(t)
     assert src.shape == t.shape and len(src) == 23 and src.dim() == 4 and src.numel() == t.numel()
     for index in (slice(3, 11), slice(None, None, 4), slice(20, 40), 5, -1,
-                  torch.tensor([7, 2, 7, 22]), [0, 1, 2, 9], t[:, 0, 0, 0] > 0, (4, 1),
+                  torch.tensor([7, 2, 7, 22]), torch.tensor(3), [0, 1, 2, 9],
+                  t[:, 0, 0, 0] > 0, (4, 1),
                   (slice(2, 5), 0)):
         assert torch.equal(src[index], t[index]), index
     with pytest.raises(IndexError):

@@ -116,6 +116,8 @@ class ImageSource(ABC):
                 return out[rest]
             return out[(slice(None), *rest)]
         n = len(self)
+        if isinstance(index, torch.Tensor) and index.dim() == 0 and index.dtype != torch.bool:
+            index = int(index)
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             i = int(index)
             if not -n <= i < n:
