@@ -6,10 +6,10 @@ Example::
 
     medrobust evaluate --model runs/det --data phantom --limit 64 --eps 0,20,50 --steps 10
 
-``--data phantom`` / ``phantom3d`` are the detection phantoms the detector was trained on (CT in
-HU with lesions, :func:`medrobust.detection_training.detection_phantoms`, the ``--split`` stream,
-the size and seed recorded in the folder); any other data set needs lesion masks, which give the
-boxes. ``--attacks standard`` means ``dag-detection,pgd-detection``.
+``--data phantom`` / ``phantom3d`` (no further options) are the detection phantoms the detector
+was trained on (CT in HU with lesions, :func:`medrobust.detection_training.detection_phantoms`,
+the ``--split`` stream, the size and seed recorded in the folder); any other data set needs lesion
+masks, which give the boxes. ``--attacks standard`` means ``dag-detection,pgd-detection``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _data(args: argparse.Namespace, meta: dict[str, Any], dims: int) -> tuple[An
     from medrobust.evaluation.detection import boxes_of
 
     pd = _phantom_dims(str(args.data))
-    if pd is not None:
+    plain = str(args.data).strip().lower() in ("phantom", "phantom2d", "phantom3d")
+    if pd is not None and plain:
         if pd != dims:
             raise CLIError(f"--data {args.data} is {pd}D but the detector is {dims}D "
                            f"(use {'phantom3d' if dims == 3 else 'phantom'})")

@@ -178,7 +178,9 @@ def at_threshold(
     Returns ``{"threshold", "sensitivity", "ci95", "fp_per_volume"}``."""
     data = label_detections(detections, truths, iou_thresh)
     v = len(truths)
-    keep = (data.score >= threshold) if threshold is not None else np.zeros_like(data.tp)
+    # scores are float32: compare at their precision (0.7 means the float32 0.7)
+    keep = (data.score >= float(np.float32(threshold)) if threshold is not None
+            else np.zeros_like(data.tp))
     tp_v = np.bincount(data.volume[keep & data.tp], minlength=v).astype(np.float64)
     fp_v = np.bincount(data.volume[keep & ~data.tp], minlength=v).astype(np.float64)
     les = data.lesions.astype(np.float64)
