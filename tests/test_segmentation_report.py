@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import medrobust as mr
 from medrobust.data.base import ImageData
@@ -27,6 +25,7 @@ from medrobust.evaluation.errors import EvaluationError
 from medrobust.evaluation.roi import box_mask, parse_roi
 
 from test_report_browser import CHROMIUM, _dump_dom  # isort: skip
+from test_segmentation import _fcn, _train  # isort: skip
 
 
 @pytest.fixture(autouse=True)
@@ -60,25 +59,15 @@ def same(value: str, number: float | None) -> bool:
 
 
 def _segmenter() -> tuple[mr.Segmenter, ImageData]:
+    """The 3D phantom segmenter of test_segmentation.py (its ``seg3d``), 4 held-out volumes."""
     d = make_phantoms(24, 16, dim=3, task="segmentation", seed=1, lesion_fraction=1.0,
                       lesion_contrast=40.0, lesion_radius=(0.15, 0.25), n_organs=0, noise=4.0,
                       texture=4.0)
     mean, std = float(d.images.mean()), float(d.images.std())
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(),
-                            nn.Conv3d(4, 4, 3, padding=2, dilation=2), nn.ReLU(),
-                            nn.Conv3d(4, 4, 3, padding=4, dilation=4), nn.ReLU(),
-                            nn.Conv3d(4, 2, 1))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        x, y = (d.images[:20] - mean) / std, d.labels[:20]
-        for _ in range(15):
-            for i in torch.randperm(20).split(4):
-                loss = F.cross_entropy(net(x[i]), y[i], weight=torch.tensor([1.0, 4.0]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    net.eval()
+        net = _fcn(3, 4)
+    net = _train(net, d.images[:20], d.labels[:20], mean, std, epochs=15, seed=1, batch=4)
     model = mr.Segmenter(net, bounds=(0.0, 1.0), mean=mean, std=std, num_classes=2,
                          chunk_size=2)
     data = ImageData(images=d.images[20:], labels=d.labels[20:], bounds=(0.0, 1.0),
@@ -130,12 +119,14 @@ def test_report_numbers_are_those_of_the_results(evaluated: tuple[Path, dict[str
     assert all(same(c["data-value"], v) for c, v in zip(cells, want, strict=True))
     rows = dom.find("tr", class_="dice-row", **{"data-attack": "worst-case"})
     assert [float(r["data-eps"]) for r in rows] == [e["value"] for e in doc["eps"]]
-    # per case: clean and worst at the largest budget, the case hurt most first
+    # per case: clean and worst at the largest budget, the largest drop from clean first
     worst = doc["per_case"]["worst_dice"][doc["worst_case"][-1]["eps"]]
+    clean = doc["per_case"]["clean_dice"]
     shown = dom.find("tr", class_="case-row")
     assert len(shown) == doc["n"]
     cases = [int(r["data-case"]) for r in shown]
-    assert cases[0] == int(np.argmin([w[1] for w in worst]))
+    drops = [clean[i][1] - worst[i][1] for i in cases]
+    assert drops == sorted(drops, reverse=True) and drops[0] > 0
     for c, cell in zip(cases, dom.find("td", class_="case-worst"), strict=True):
         assert same(cell["data-value"], worst[c][1])
     # budgets and region as evaluated
@@ -192,6 +183,17 @@ def test_a_report_medrobust_did_not_write_is_kept(evaluated: tuple[Path, dict[st
 
 
 # ------------------------------------------------------------------------------ the ROI
+def test_the_case_hurt_most_is_the_largest_drop() -> None:
+    from medrobust.evaluation.segmentation import hurt_most
+
+    nan = float("nan")
+    # case 0 was never segmented (no drop possible); case 2 drops most; case 3 has no structure
+    assert hurt_most(np.array([0.0, 0.9, 0.8, nan]), np.array([0.0, 0.7, 0.2, nan])) == 2
+    # a tie in the drop goes to the lower worst Dice
+    assert hurt_most(np.array([0.75, 0.5]), np.array([0.5, 0.25])) == 1
+    assert hurt_most(np.array([nan]), np.array([nan])) is None
+
+
 def test_box_roi_closed_form_and_errors() -> None:
     labels = torch.zeros(2, 8, 10, 12, dtype=torch.int64)
     labels[0, 3:5, 4:6, 5:7] = 2

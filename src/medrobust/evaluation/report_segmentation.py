@@ -137,11 +137,16 @@ def _per_case(doc: dict[str, Any], fg: list[str]) -> str:
     clean = doc["per_case"]["clean_dice"]
     idx = {c: doc["classes"].index(c) for c in fg}
 
-    def key(i: int) -> float:
-        vals = [w[i][idx[c]] for c in fg if w[i][idx[c]] is not None]
-        return min(vals) if vals else 2.0
+    def rank(i: int) -> tuple[float, float, int]:
+        # the largest Dice drop over the classes, then the lowest worst Dice (as the overlay's
+        # choice, evaluation.segmentation.hurt_most); cases without both values last
+        pairs = [(clean[i][idx[c]], w[i][idx[c]]) for c in fg
+                 if w[i][idx[c]] is not None and clean[i][idx[c]] is not None]
+        if not pairs:
+            return (float("inf"), float("inf"), i)
+        return (-max(a - b for a, b in pairs), min(b for _, b in pairs), i)
 
-    order = sorted(range(len(w)), key=key)[:MAX_CASES]
+    order = sorted(range(len(w)), key=rank)[:MAX_CASES]
     head = "".join(f"<th>{_e(c)}: clean</th><th>{_e(c)}: worst</th>" for c in fg)
     rows = []
     for i in order:
@@ -153,8 +158,8 @@ def _per_case(doc: dict[str, Any], fg: list[str]) -> str:
         rows.append(f'<tr class="case-row" data-case="{i}"><td>{i}</td>{cells}</tr>')
     units, bounds = doc.get("budget_units"), doc.get("bounds")
     lab = eps_text(last, doc["worst_case"][-1]["value"], units, bounds)
-    shown = (f"the {len(order)} cases hurt most of {len(w)}" if len(order) < len(w)
-             else f"all {len(w)} cases, hurt most first")
+    shown = (f"the {len(order)} cases hurt most (largest drop from clean) of {len(w)}"
+             if len(order) < len(w) else f"all {len(w)} cases, the largest drop from clean first")
     return f"""<section class="card" id="seg-per-case-card"><h2 style="margin-top:0">Per case:
 the worst case at eps {_e(lab)}</h2>
 <div class="scroll"><table id="seg-per-case"><thead><tr><th>case</th>{head}</tr></thead>
@@ -207,7 +212,7 @@ def render_segmentation_report(doc: dict[str, Any], figures: dict[str, bytes]) -
         eps_lab = eps_text(lab, value, units, bounds)
         overlay_note = (
             f"<p class='meta' id='seg-overlay-caption'>Case {_e(figs.get('overlay_case'))} (the "
-            f"lowest worst-case Dice of {_e(fg[0] if fg else '')} at the largest budget), attacked "
+            f"largest drop of {_e(fg[0] if fg else '')}'s Dice at the largest budget), attacked "
             f"by {_e(figs.get('overlay_attack'))} at eps {_e(eps_lab)}; planes "
             f"{_e(figs.get('overlay_planes', ''))} through the structure's centre. Left: the clean "
             "prediction; middle: the adversarial prediction; right: the perturbation (blue "

@@ -59,7 +59,7 @@ from medrobust.evaluation.util import (
 )
 from medrobust.models import Segmenter
 
-__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95", "summary_lines"]
+__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95", "hurt_most", "summary_lines"]
 
 FAMILY = "segmentation"
 RESULTS_FILE = "segmentation_results.json"
@@ -159,6 +159,8 @@ def _specs(attacks: Sequence[str] | str, norm: str,
             kw["early_stop"] = False  # the Dice reached with the whole budget
         if steps is not None and accepts(cls, "steps"):
             kw["steps"] = int(steps)
+        elif steps is not None and accepts(cls, "max_iter"):  # DAG's iteration cap
+            kw["max_iter"] = int(steps)
         kw.update(per.get(name, {}))
         bad = [k for k in kw if k in RESERVED]
         if bad:
@@ -194,7 +196,7 @@ def _resolve(model: Any, device: Any) -> tuple[Segmenter, str]:
         return loaded.segmenter, str(model)
     seg = getattr(model, "segmenter", None)
     if isinstance(seg, Segmenter):
-        return seg, "loaded model"
+        return seg, str(getattr(model, "path", None) or "loaded model")
     raise EvaluationError(
         f"model must be a medrobust.Segmenter or a segmentation model folder; got "
         f"{type(model).__name__}"
@@ -239,7 +241,7 @@ def evaluate_segmentation(
         criterion: the attacks' criterion (e.g. ``DiceBelow(2, 0.5)``); default the segmenter's
             (:class:`~medrobust.criteria.PixelFraction`).
         attack_kwargs: extra arguments per attack name, e.g. ``{"dag": {"max_iter": 50}}``.
-        steps: the number of steps of every attack that takes ``steps``.
+        steps: the number of steps of every attack that takes ``steps`` (DAG: ``max_iter``).
         progress: a progress bar on stderr.
         resume: reuse the units stored in ``out``'s database.
         figures: write the Dice-versus-eps curve and the overlays (needs ``out``).
@@ -406,13 +408,14 @@ def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tenso
     plt.close(fig)
     out = {"dice_vs_eps": str(curve.relative_to(out_dir))}
 
-    # overlays: the case and attack with the lowest Dice of the first foreground class at the
-    # largest budget, recomputed on that case alone (the store holds no volumes)
+    # overlays: the case hurt most (the largest drop of the first foreground class's Dice from
+    # clean to the worst case at the largest budget) and the attack that hurt it most, recomputed
+    # on that case alone (the store holds no volumes)
     j = len(budgets) - 1
     c = 1
-    if np.all(np.isnan(worst[j][:, c])):
+    case = hurt_most(clean_dice[:, c], worst[j][:, c])
+    if case is None:
         return out
-    case = int(np.nanargmin(worst[j][:, c]))
     best = min(specs, key=lambda s: np.nan_to_num(per_attack[s.name][j][case, c], nan=2.0))
     x = data.images[case:case + 1].to(seg.dtype)
     y = labels[case:case + 1]
@@ -449,6 +452,18 @@ def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tenso
     out["overlay_eps"] = budgets[j].label
     out["overlay_planes"] = ",".join(plane for plane, _ in planes)
     return out
+
+
+def hurt_most(clean: np.ndarray, worst: np.ndarray) -> int | None:
+    """The case with the largest Dice drop from ``clean`` to ``worst`` (ties: the lower worst
+    Dice, then the first); ``None`` when no case has both values."""
+    drop = np.asarray(clean, dtype=np.float64) - np.asarray(worst, dtype=np.float64)
+    ok = ~np.isnan(drop)
+    if not ok.any():
+        return None
+    cand = np.flatnonzero(ok)
+    order = np.lexsort((cand, worst[cand], -drop[cand]))
+    return int(cand[order[0]])
 
 
 def _planes(ndim: int, structure: np.ndarray) -> list[tuple[str, tuple[Any, ...]]]:
