@@ -266,3 +266,41 @@ def test_detection_report_in_headless_chromium(evaluated: tuple[Path, dict[str, 
     assert body.get("data-images-total") == "2" and body.get("data-images-loaded") == "2", body
     assert same(dom.find(id="det-clean-sensitivity")[0]["data-value"],
                 doc["clean"]["at_fp_rate"]["sensitivity"])
+
+
+def test_evaluate_detection_on_volumes() -> None:
+    """3D: an untrained RetinaNet with a low score threshold detects everywhere; the evaluation
+    keeps medrobust's (D, H, W) box order, eps 0 equals the clean pass, the budget holds."""
+    import medrobust as mr
+    from medrobust.data.base import ImageData
+    from medrobust.evaluation.detection import evaluate_detection
+    from medrobust.models.detector import build_retinanet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        det = mr.Detector(build_retinanet(spatial_dims=3), bounds=(-1024.0, 3071.0),
+                          score_thresh=0.005, max_detections=20)
+        x = torch.full((3, 1, 16, 16, 16), 40.0) + 10 * torch.randn(3, 1, 16, 16, 16)
+    masks = torch.zeros(3, 16, 16, 16, dtype=torch.long)
+    masks[0, 4:10, 5:9, 6:12] = 1
+    masks[1, 8:14, 2:6, 3:7] = 1
+    data = ImageData(images=x, labels=masks, bounds=(-1024.0, 3071.0), units="HU",
+                     task="segmentation", class_names=["background", "lesion"])
+    doc = evaluate_detection(det, data, "pgd-detection", eps="0,20", steps=1, n_boot=50)
+    assert doc["spatial_dims"] == 3 and doc["positives"] == 2 and doc["lesions"] == 2
+    per = doc["attacks"]["pgddetection"]["per_eps"]
+    assert per[0]["froc"] == doc["clean"]["froc"]
+    assert 0 < per[1]["linf_max"] <= 20.0 + 1e-3
+    # the boxes are the masks' in (D, H, W) order: the clean FROC against them equals the
+    # reference matching of the detector's own detections
+    dets = det.detect(x)
+    boxes = [{"boxes": torch.tensor([[4.0, 5.0, 6.0, 10.0, 9.0, 12.0]]),
+              "labels": torch.tensor([0])},
+             {"boxes": torch.tensor([[8.0, 2.0, 3.0, 14.0, 6.0, 7.0]]),
+              "labels": torch.tensor([0])},
+             {"boxes": torch.zeros(0, 6), "labels": torch.zeros(0, dtype=torch.long)}]
+    for p in doc["clean"]["froc"]:
+        assert p["sensitivity"] == sensitivity_at_fp(dets, boxes, p["fp_per_volume"])[
+            "sensitivity"]
+    # found at 8 FP/volume clean, hidden by one PGD step of 20 HU
+    assert doc["clean"]["froc"][-1]["sensitivity"] > per[1]["froc"][-1]["sensitivity"]
