@@ -277,3 +277,12 @@ def test_cli_evaluate_writes_the_report_in_hounsfield_units(tmp_path: Path, caps
                "--limit", "2", "--attacks", "pgd", "--eps", "0,4", "--roi", "lesion",
                "--out", str(tmp_path / "e2"), "--quiet"])
     assert rc == 2 and "unknown roi 'lesion'" in capsys.readouterr().err
+    with seeded(0):
+        cnn = build_network("smallcnn", in_channels=1, num_classes=2, width=2)
+    save_model(tmp_path / "cnn", cnn.eval(), bounds=(0.0, 1.0), class_names=["a", "b"],
+               task="binary")
+    rc = main(["evaluate", "--model", str(tmp_path / "cnn"), "--data", "phantom", "--limit", "4",
+               "--attacks", "fgsm", "--eps", "0,1/255", "--roi", "box", "--out",
+               str(tmp_path / "e3"), "--quiet"])
+    assert rc == 2 and "--roi applies to segmenters and detectors" in capsys.readouterr().err
+    assert not (tmp_path / "e3").exists()

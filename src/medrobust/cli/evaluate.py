@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(err)) from None
     except RuntimeError as err:  # e.g. an unavailable device
         raise CLIError(f"{model_dir}: cannot load the model on {args.device!r} ({err})") from None
+    if args.roi is not None and loaded.segmenter is None:
+        raise CLIError("--roi applies to segmenters and detectors; this model is a classifier")
     data = _load_data(args.data, args.split, args.limit)
     from medrobust.compat import MismatchError, check_eps, check_evaluation
     from medrobust.evaluation.budgets import default_budgets
@@ -180,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out).expanduser()
     units = loaded.units
-    if args.roi is not None and loaded.segmenter is None:
-        raise CLIError("--roi applies to segmenters and detectors; this model is a classifier")
     if loaded.segmenter is not None:  # a segmenter: Dice under attack (evaluation.segmentation)
         return _run_segmentation(args, loaded, data, attacks, budgets, out)
     if dctx is not None and (loaded.segmenter is not None or args.adaptive):
