@@ -21,6 +21,7 @@ from medrobust.attacks.base import (
 from medrobust.attacks.decision import HopSkipJump
 from medrobust.attacks.dense import DAG, CosPGD
 from medrobust.attacks.detection import DAGDetection
+from medrobust.attacks.detection_pgd import PGDDetection
 from medrobust.attacks.fab import FAB, FABT
 from medrobust.attacks.gradient import BIM, DIFGSM, FGSM, MIFGSM, PGD, TIFGSM, GradientAttack
 from medrobust.attacks.minimal import ALMA, DDN, EAD, FMN, LBFGS, CarliniWagnerL2, DeepFool
@@ -50,6 +51,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "onepixel": OnePixel,
     "stadv": StAdv,
     "dagdetection": DAGDetection,
+    "pgddetection": PGDDetection,
     "hopskipjump": HopSkipJump,
     "simba": SimBA,
     "difgsm": DIFGSM,
@@ -121,6 +123,7 @@ __all__ = [
     "MinimumNormAttack",
     "OnePixel",
     "PGD",
+    "PGDDetection",
     "RP2",
     "RunOutput",
     "SimBA",

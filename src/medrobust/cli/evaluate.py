@@ -79,6 +79,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "and flag gradient masking (medrobust.evaluation.adaptive)")
     p.add_argument("--eot", type=int, default=8,
                    help="with --adaptive: EOT draws for randomized defenses (default: 8)")
+    p.add_argument("--roi", default=None,
+                   help="segmenters and detectors: confine the attacks to a box around each "
+                        "case's foreground grown by M voxels ('box' or 'box:M', M default 4) "
+                        "(default: off, the whole volume)")
+    p.add_argument("--fp-rate", type=float, default=1.0,
+                   help="detectors: the false positives per volume at which the sensitivity is "
+                        "stated (default: 1.0)")
     return p  # type: ignore[no-any-return]
 
 
@@ -134,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         )
 
     model_dir = Path(args.model).expanduser()
+    from medrobust.cli.evaluate_detection import is_detector_folder, run_detection
+
+    if is_detector_folder(model_dir):  # a detector: FROC under attack (evaluation.detection)
+        return run_detection(args, model_dir, attacks, budgets)
     from medrobust import distributed
     from medrobust.modelstore import ModelError, load_model
 
@@ -145,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(err)) from None
     except RuntimeError as err:  # e.g. an unavailable device
         raise CLIError(f"{model_dir}: cannot load the model on {args.device!r} ({err})") from None
+    if args.roi is not None and loaded.segmenter is None:
+        raise CLIError("--roi applies to segmenters and detectors; this model is a classifier")
     data = _load_data(args.data, args.split, args.limit)
     from medrobust.compat import MismatchError, check_eps, check_evaluation
     from medrobust.evaluation.budgets import default_budgets
@@ -206,6 +219,7 @@ def _run_segmentation(args: argparse.Namespace, loaded: Any, data: Any, attacks:
     """``medrobust evaluate`` on a segmentation model (default attacks: pgd, cospgd, dag)."""
     from medrobust.evaluation import EvaluationError
     from medrobust.evaluation.segmentation import (
+        REPORT_FILE,
         RESULTS_FILE,
         evaluate_segmentation,
         summary_lines,
@@ -216,13 +230,14 @@ def _run_segmentation(args: argparse.Namespace, loaded: Any, data: Any, attacks:
         doc = evaluate_segmentation(
             loaded, data, names, eps=budgets, norm=args.norm, out=out,
             batch_size=args.batch_size, seed=args.seed, steps=args.steps,
-            progress=not args.quiet, resume=not args.overwrite,
+            progress=not args.quiet, resume=not args.overwrite, roi=args.roi,
         )
     except EvaluationError as err:
         raise CLIError(str(err)) from None
     except OSError as err:
         raise CLIError(f"{out}: cannot write ({err.strerror or err})") from None
     print("\n".join(summary_lines(doc)))
+    print(f"report: {out / REPORT_FILE}")
     print(f"results: {out / RESULTS_FILE}")
     return 0
 

@@ -15,7 +15,11 @@ accuracy): :func:`evaluate_segmentation` reports
 * the per-case worst case over attacks at each budget (the lowest Dice any attack reached);
 * figures: Dice versus eps per foreground class, and overlays of the clean prediction, the
   adversarial prediction and the perturbation on axial, coronal and sagittal slices of the case
-  hurt most.
+  hurt most;
+* with an output folder, ``report.html`` (:mod:`medrobust.evaluation.report_segmentation`): all of
+  the above in one self-contained page, budgets stated in the volume's units (HU for CT, [0, 1] for
+  normalized MR) with the region of interest the attacks were confined to
+  (:mod:`medrobust.evaluation.roi`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from medrobust.evaluation.families.base import (
     register_family,
 )
 from medrobust.evaluation.plan import CLEAN_UNIT, make_plan, split_names
+from medrobust.evaluation.roi import Roi, parse_roi
 from medrobust.evaluation.runner import RunSettings, run_plan
 from medrobust.evaluation.specs import RESERVED, AttackSpec
 from medrobust.evaluation.store import DB_NAME, ResultsStore
@@ -54,10 +59,11 @@ from medrobust.evaluation.util import (
 )
 from medrobust.models import Segmenter
 
-__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95", "summary_lines"]
+__all__ = ["SegmentationFamily", "evaluate_segmentation", "hd95", "hurt_most", "summary_lines"]
 
 FAMILY = "segmentation"
 RESULTS_FILE = "segmentation_results.json"
+REPORT_FILE = "report.html"
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -107,7 +113,9 @@ class SegmentationFamily(Family):
         idx = job.idx
         x, y = job.x[idx], job.y[idx]
         criterion = getattr(spec, "segmentation_criterion", None)
-        res = attack(job.clf, x, y, criterion=criterion)
+        roi: Roi | None = getattr(spec, "segmentation_roi", None)
+        mask = None if roi is None else roi.mask(x, y)
+        res = attack(job.clf, x, y, criterion=criterion, mask=mask)
         assert res.dice is not None
         clean_pred = job.clean_logits[idx].argmax(1)
         changed = (res.predictions != clean_pred).reshape(len(idx), -1).float().mean(1)
@@ -151,6 +159,8 @@ def _specs(attacks: Sequence[str] | str, norm: str,
             kw["early_stop"] = False  # the Dice reached with the whole budget
         if steps is not None and accepts(cls, "steps"):
             kw["steps"] = int(steps)
+        elif steps is not None and accepts(cls, "max_iter"):  # DAG's iteration cap
+            kw["max_iter"] = int(steps)
         kw.update(per.get(name, {}))
         bad = [k for k in kw if k in RESERVED]
         if bad:
@@ -186,7 +196,7 @@ def _resolve(model: Any, device: Any) -> tuple[Segmenter, str]:
         return loaded.segmenter, str(model)
     seg = getattr(model, "segmenter", None)
     if isinstance(seg, Segmenter):
-        return seg, "loaded model"
+        return seg, str(getattr(model, "path", None) or "loaded model")
     raise EvaluationError(
         f"model must be a medrobust.Segmenter or a segmentation model folder; got "
         f"{type(model).__name__}"
@@ -211,6 +221,8 @@ def evaluate_segmentation(
     resume: bool = True,
     figures: bool = True,
     device: str | torch.device | None = None,
+    roi: torch.Tensor | str | None = None,
+    units: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a segmenter's robustness on a labelled data set (see the module docstring).
 
@@ -229,14 +241,20 @@ def evaluate_segmentation(
         criterion: the attacks' criterion (e.g. ``DiceBelow(2, 0.5)``); default the segmenter's
             (:class:`~medrobust.criteria.PixelFraction`).
         attack_kwargs: extra arguments per attack name, e.g. ``{"dag": {"max_iter": 50}}``.
-        steps: the number of steps of every attack that takes ``steps``.
+        steps: the number of steps of every attack that takes ``steps`` (DAG: ``max_iter``).
         progress: a progress bar on stderr.
         resume: reuse the units stored in ``out``'s database.
         figures: write the Dice-versus-eps curve and the overlays (needs ``out``).
         device: where to load a model folder.
+        roi: where the attacks may perturb (:mod:`medrobust.evaluation.roi`): ``None`` (the
+            whole volume), a mask shared by every case, or ``"box[:margin]"`` (a box around each
+            case's foreground).
+        units: what the budgets are in, for the report (default: the loaded model's units, else
+            the data's).
 
     Returns:
-        The results document (also written to ``out/segmentation_results.json``).
+        The results document (also written to ``out/segmentation_results.json``, with
+        ``out/report.html``).
     """
     seg, model_name = _resolve(model, device)
     if data.task != "segmentation" or data.labels.dim() != data.images.dim() - 1:
@@ -248,7 +266,12 @@ def evaluate_segmentation(
         raise EvaluationError(f"batch_size must be a positive integer; got {batch_size!r}")
     norm_name = str(norm).lower()
     specs = _specs(attacks, norm_name, attack_kwargs, steps, criterion)
-    budgets = (default_budgets(seg.bounds, norm_name, getattr(data, "units", None))
+    region = parse_roi(roi, data.images)
+    for spec in specs:
+        spec.segmentation_roi = region  # type: ignore[attr-defined]
+    if units is None:
+        units = getattr(model, "units", None) or getattr(data, "units", None)
+    budgets = (default_budgets(seg.bounds, norm_name, units)
                if eps is None else parse_budgets(eps))
     labels = data.labels.to(torch.int64)
     seg.check_inputs(data.images[:1])
@@ -268,6 +291,8 @@ def evaluate_segmentation(
         "seed": int(seed),
         "norm": norm_name,
     }
+    if region.kind != "none":  # the hash of an evaluation without ROI stays what it was
+        base["roi"] = region.key()
     unit_hash = sha256_json(base)[:32]
     settings = RunSettings(norm=norm_name, seed=int(seed), unit_hash=unit_hash,
                            progress=progress, resume=resume, model_name=model_name)
@@ -293,6 +318,10 @@ def evaluate_segmentation(
         "n": len(data),
         "classes": names,
         "norm": norm_name,
+        "budget_units": None if units is None else str(units),
+        "bounds": [float(v) for v in seg.bounds],
+        "spacing": None if spacing is None else [float(v) for v in spacing],
+        "roi": region.describe(labels),
         "eps": [{"label": b.label, "value": b.value} for b in budgets],
         "criterion": None if criterion is None else type(criterion).__name__,
         "clean": {names[c]: {"dice": _mean_ci(clean_dice[:, c], seed),
@@ -335,9 +364,14 @@ def evaluate_segmentation(
     if out_dir is not None:
         if figures:
             doc["figures"] = _figures(out_dir, seg, data, labels, specs, budgets, per_attack,
-                                      worst_all, clean_dice, names, norm_name, seed, criterion)
+                                      worst_all, clean_dice, names, norm_name, seed, criterion,
+                                      region)
         text = json.dumps(jsonable(doc), indent=2, allow_nan=False)
         (out_dir / RESULTS_FILE).write_text(text + "\n", encoding="utf-8")
+        from medrobust.evaluation.report_segmentation import write_segmentation_report
+
+        write_segmentation_report(json.loads(text), out_dir / REPORT_FILE, out_dir)
+        doc["report"] = REPORT_FILE
     return doc
 
 
@@ -345,7 +379,7 @@ def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tenso
              specs: list[AttackSpec], budgets: list[Budget],
              per_attack: dict[str, list[np.ndarray]], worst: list[np.ndarray],
              clean_dice: np.ndarray, names: list[str], norm: str, seed: int,
-             criterion: DenseCriterion | None) -> dict[str, str]:
+             criterion: DenseCriterion | None, region: Roi) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,17 +408,19 @@ def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tenso
     plt.close(fig)
     out = {"dice_vs_eps": str(curve.relative_to(out_dir))}
 
-    # overlays: the case and attack with the lowest Dice of the first foreground class at the
-    # largest budget, recomputed on that case alone (the store holds no volumes)
+    # overlays: the case hurt most (the largest drop of the first foreground class's Dice from
+    # clean to the worst case at the largest budget) and the attack that hurt it most, recomputed
+    # on that case alone (the store holds no volumes)
     j = len(budgets) - 1
     c = 1
-    if np.all(np.isnan(worst[j][:, c])):
+    case = hurt_most(clean_dice[:, c], worst[j][:, c])
+    if case is None:
         return out
-    case = int(np.nanargmin(worst[j][:, c]))
     best = min(specs, key=lambda s: np.nan_to_num(per_attack[s.name][j][case, c], nan=2.0))
     x = data.images[case:case + 1].to(seg.dtype)
     y = labels[case:case + 1]
-    res = best.build(budgets[j].value, norm, seed)(seg, x, y, criterion=criterion)
+    res = best.build(budgets[j].value, norm, seed)(seg, x, y, criterion=criterion,
+                                                   mask=region.mask(x, y))
     clean_pred = seg.predict(x)[0].numpy()
     adv_pred = res.predictions[0].numpy()
     img = x[0, 0].float().numpy()
@@ -412,7 +448,22 @@ def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tenso
     plt.close(fig)
     out["overlays"] = str(overlay.relative_to(out_dir))
     out["overlay_case"] = str(case)
+    out["overlay_attack"] = best.name
+    out["overlay_eps"] = budgets[j].label
+    out["overlay_planes"] = ",".join(plane for plane, _ in planes)
     return out
+
+
+def hurt_most(clean: np.ndarray, worst: np.ndarray) -> int | None:
+    """The case with the largest Dice drop from ``clean`` to ``worst`` (ties: the lower worst
+    Dice, then the first); ``None`` when no case has both values."""
+    drop = np.asarray(clean, dtype=np.float64) - np.asarray(worst, dtype=np.float64)
+    ok = ~np.isnan(drop)
+    if not ok.any():
+        return None
+    cand = np.flatnonzero(ok)
+    order = np.lexsort((cand, worst[cand], -drop[cand]))
+    return int(cand[order[0]])
 
 
 def _planes(ndim: int, structure: np.ndarray) -> list[tuple[str, tuple[Any, ...]]]:
