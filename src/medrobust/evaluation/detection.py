@@ -35,6 +35,7 @@ import torch
 from medrobust.attacks import ATTACKS, FixedBudgetAttack
 from medrobust.boxes import boxes_from_masks, pack_boxes, unpack_boxes
 from medrobust.data.base import ImageData
+from medrobust.data.streamed import materialize
 from medrobust.evaluation.budgets import Budget, default_budgets, parse_budgets
 from medrobust.evaluation.errors import EvaluationError
 from medrobust.evaluation.families.base import Family, UnitJob, UnitOutput, register_family
@@ -371,7 +372,7 @@ def evaluate_detection(
         "norm": norm_name,
         "budget_units": None if units is None else str(units),
         "bounds": [float(v) for v in det.bounds],
-        "roi": _describe_roi(region, labels, data.images),
+        "roi": _describe_roi(region, labels, materialize(data.images)),
         "eps": [{"label": b.label, "value": b.value} for b in budgets],
         "fp_rates": rates,
         "fp_rate": float(fp_rate),

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from medrobust.data.streamed import ImageSource
 from medrobust.evaluation.errors import EvaluationError
 from medrobust.evaluation.util import tensor_sha256
 
@@ -95,7 +96,7 @@ def box_mask(labels: torch.Tensor, margin: int) -> torch.Tensor:
     return out
 
 
-def parse_roi(roi: Any, images: torch.Tensor) -> Roi:
+def parse_roi(roi: Any, images: torch.Tensor | ImageSource) -> Roi:
     """Validate ``roi`` for ``images`` ``(N, C, *spatial)``.
 
     Raises:
