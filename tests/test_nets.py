@@ -53,6 +53,26 @@ def test_unet_shapes(name: str, dims: int) -> None:
         assert net(x).shape == (2, 3, *([16] * dims))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 17, 30), (1, 1, 11, 15, 9)])
+def test_unet_takes_any_size_and_keeps_monai_weights(shape: tuple[int, ...]) -> None:
+    """Sizes not divisible by the total stride (the hippocampus volumes, e.g. 43x59x47) give
+    logits of the input's size; on divisible sizes the output is MONAI's UNet's, same weights."""
+    from monai.networks.nets import UNet
+
+    dims = len(shape) - 2
+    net = build_network("unet", in_channels=1, num_classes=3, spatial_dims=dims).eval()
+    x = torch.rand(*shape, requires_grad=True)
+    out = net(x)
+    assert out.shape == (1, 3, *shape[2:])
+    out.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and x.grad.abs().sum() > 0
+    plain = UNet(dims, 1, 3, [16, 32, 64], [2, 2], num_res_units=2, norm="batch").eval()
+    plain.load_state_dict(net.state_dict())
+    even = torch.rand(1, 1, *([12] * dims))
+    with torch.no_grad():
+        assert torch.equal(net(even), plain(even))
+
+
 def test_resnet18_is_the_medmnist_28px_variant() -> None:
     with torch.device("meta"):
         net = build_network("resnet18", in_channels=1, num_classes=2)

@@ -182,6 +182,19 @@ def test_a_report_medrobust_did_not_write_is_kept(evaluated: tuple[Path, dict[st
     assert mine.read_text() == "<html>my notes</html>"
 
 
+def test_a_results_file_medrobust_did_not_write_is_kept(seg: tuple[mr.Segmenter, ImageData],
+                                                        tmp_path: Path) -> None:
+    from medrobust.evaluation.segmentation import evaluate_segmentation
+
+    model, data = seg
+    mine = tmp_path / "segmentation_results.json"
+    mine.write_text('{"my": "notes"}')
+    with pytest.raises(EvaluationError, match="not replaced"):
+        evaluate_segmentation(model, data, "fgsm", eps="4/255", out=tmp_path, batch_size=2)
+    assert mine.read_text() == '{"my": "notes"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["segmentation_results.json"]
+
+
 # ------------------------------------------------------------------------------ the ROI
 def test_the_case_hurt_most_is_the_largest_drop() -> None:
     from medrobust.evaluation.segmentation import hurt_most

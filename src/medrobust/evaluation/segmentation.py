@@ -298,6 +298,7 @@ def evaluate_segmentation(
                            progress=progress, resume=resume, model_name=model_name)
     out_dir = None if out is None else Path(out).expanduser()
     if out_dir is not None:
+        _refuse_foreign_results(out_dir / RESULTS_FILE)
         out_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(None if out_dir is None else out_dir / DB_NAME)
     try:
@@ -367,12 +368,28 @@ def evaluate_segmentation(
                                       worst_all, clean_dice, names, norm_name, seed, criterion,
                                       region)
         text = json.dumps(jsonable(doc), indent=2, allow_nan=False)
-        (out_dir / RESULTS_FILE).write_text(text + "\n", encoding="utf-8")
+        tmp = out_dir / f".{RESULTS_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / RESULTS_FILE)
         from medrobust.evaluation.report_segmentation import write_segmentation_report
 
         write_segmentation_report(json.loads(text), out_dir / REPORT_FILE, out_dir)
         doc["report"] = REPORT_FILE
     return doc
+
+
+def _refuse_foreign_results(path: Path) -> None:
+    """Refuse to run when ``path`` exists and is not a segmentation results file medrobust
+    wrote (it would be replaced at the end of the run)."""
+    if not path.exists():
+        return
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != FAMILY:
+        raise EvaluationError(f"{path}: exists and is not a segmentation results file medrobust "
+                              "wrote; not replaced (choose another output folder)")
 
 
 def _figures(out_dir: Path, seg: Segmenter, data: ImageData, labels: torch.Tensor,
